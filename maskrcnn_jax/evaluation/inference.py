@@ -1,0 +1,136 @@
+"""Jitted, bucketed inference on lists of images of any sizes.
+
+Images are normalized and resized on the host exactly as torchvision's transform does
+(`data.preprocess`), padded to a canvas from a small set of shapes (multiples of `bucket`), and run
+through one jitted forward per (canvas, batch size), so a new image size within a bucket never
+recompiles. Results come back in each image's original pixel frame.
+"""
+import collections
+import functools
+import math
+from typing import Any, Dict, List, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maskrcnn_jax.data.preprocess import normalize, resize_bilinear, resized_size
+from maskrcnn_jax.ops.masks import paste_masks
+
+# Python-side trace counters: incremented only while jax traces, so they count compilations.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+_PASTE_CHUNK = 16
+
+
+def _round_up(x: int, m: int) -> int:
+  return int(math.ceil(x / m) * m)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model, variables, images, image_sizes, padded_sizes):
+  TRACE_COUNTS["forward"] += 1
+  return model.apply(variables, images, image_sizes, padded_sizes)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _paste(masks, boxes, height, width):
+  TRACE_COUNTS["paste"] += 1
+  return paste_masks(masks, boxes, height, width)
+
+
+def _check_images(images) -> None:
+  if isinstance(images, np.ndarray) or not isinstance(images, Sequence):
+    raise TypeError("images must be a list of [H, W, 3] uint8 arrays "
+                    f"(got {type(images).__name__}; wrap a single image in a list)")
+  if len(images) == 0:
+    raise ValueError("images is empty: pass at least one [H, W, 3] uint8 image")
+  for i, im in enumerate(images):
+    if not isinstance(im, np.ndarray):
+      raise TypeError(f"images[{i}] is a {type(im).__name__}, expected a numpy array")
+    if im.dtype != np.uint8:
+      raise TypeError(f"images[{i}] has dtype {im.dtype}; expected uint8 RGB in [0, 255]")
+    if im.ndim != 3 or im.shape[2] != 3:
+      raise ValueError(f"images[{i}] has shape {im.shape}; expected [H, W, 3] RGB")
+    if im.shape[0] < 1 or im.shape[1] < 1:
+      raise ValueError(f"images[{i}] is empty: shape {im.shape}")
+
+
+def predict(model, variables, images: List[np.ndarray], exact_padding: bool = False,
+            min_size: int = 800, max_size: int = 1333, bucket: int = 128,
+            batch_size: int = 1, mask_threshold: float = None) -> List[Dict[str, np.ndarray]]:
+  """Detects (and segments) objects in images of any sizes.
+
+  Args:
+    model: a `MaskRCNN` (e.g. from `convert.from_torchvision` or `build_model`).
+    variables: its {'params', 'batch_stats'}.
+    images: list of [H, W, 3] uint8 RGB arrays, any sizes.
+    exact_padding: pad each image to the next multiple of 32 as torchvision does (one compile per
+      distinct padded shape: for side-by-side checks). Default: pad to multiples of `bucket`, with
+      anchors laid out as for the multiple-of-32 padding, so results stay close to torchvision's.
+    min_size, max_size: torchvision's resize (short side to min_size, long side at most max_size).
+    bucket: canvas sides are multiples of this (a multiple of 32).
+    batch_size: images per jitted call (a short last batch is padded).
+    mask_threshold: if given, masks are returned as bool `prob > mask_threshold`.
+
+  Returns:
+    Per image a dict: boxes [N, 4] float32 (x1, y1, x2, y2) original pixels, scores [N] float32
+    (descending), labels [N] int64, and masks [N, H, W] float32 probabilities in the original frame
+    (when the model has a mask head).
+  """
+  _check_images(images)
+  if bucket % 32:
+    raise ValueError(f"bucket must be a multiple of 32, got {bucket}")
+  prepared = []
+  for im in images:
+    h0, w0 = im.shape[:2]
+    h, w = resized_size(h0, w0, min_size, max_size)
+    padded = (_round_up(h, 32), _round_up(w, 32))
+    canvas = padded if exact_padding else (_round_up(h, bucket), _round_up(w, bucket))
+    prepared.append(dict(orig=(h0, w0), size=(h, w), padded=padded, canvas=canvas,
+                         pixels=resize_bilinear(normalize(im), h, w)))
+  groups: Dict[Any, List[int]] = collections.defaultdict(list)
+  for i, p in enumerate(prepared):
+    groups[p["canvas"]].append(i)
+  results: List[Dict[str, np.ndarray]] = [None] * len(images)
+  for canvas, idxs in groups.items():
+    for start in range(0, len(idxs), batch_size):
+      chunk = idxs[start:start + batch_size]
+      batch = np.zeros((batch_size,) + canvas + (3,), np.float32)
+      sizes = np.tile(np.asarray(canvas, np.int32), (batch_size, 1))
+      padded = sizes.copy()
+      for j, i in enumerate(chunk):
+        p = prepared[i]
+        batch[j, :p["size"][0], :p["size"][1]] = p["pixels"]
+        sizes[j], padded[j] = p["size"], p["padded"]
+      out = jax.device_get(_forward(model, variables, jnp.asarray(batch), jnp.asarray(sizes),
+                                    jnp.asarray(padded)))
+      for j, i in enumerate(chunk):
+        results[i] = _to_original_frame({k: v[j] for k, v in out.items()}, prepared[i],
+                                        bucket, mask_threshold)
+  return results
+
+
+def _to_original_frame(det: Dict[str, np.ndarray], p: Dict[str, Any], bucket: int,
+                       mask_threshold) -> Dict[str, np.ndarray]:
+  valid = det["valid"]
+  (h0, w0), (h, w) = p["orig"], p["size"]
+  # torchvision's resize_boxes: ratios new/old computed in float32.
+  ratio_h = np.float32(h0) / np.float32(h)
+  ratio_w = np.float32(w0) / np.float32(w)
+  boxes = det["boxes"][valid].astype(np.float32) * np.array(
+      [ratio_w, ratio_h, ratio_w, ratio_h], np.float32)
+  res = dict(boxes=boxes, scores=det["scores"][valid].astype(np.float32),
+             labels=det["labels"][valid].astype(np.int64))
+  if "masks" in det:
+    small = det["masks"][valid]
+    n = small.shape[0]
+    ch, cw = _round_up(h0, bucket), _round_up(w0, bucket)
+    full = np.zeros((n, h0, w0), np.float32)
+    for s in range(0, n, _PASTE_CHUNK):
+      m = np.zeros((_PASTE_CHUNK,) + small.shape[1:], np.float32)
+      b = np.zeros((_PASTE_CHUNK, 4), np.float32)
+      k = min(_PASTE_CHUNK, n - s)
+      m[:k], b[:k] = small[s:s + k], boxes[s:s + k]
+      full[s:s + k] = np.asarray(_paste(m, b, ch, cw))[:k, :h0, :w0]
+    res["masks"] = full > mask_threshold if mask_threshold is not None else full
+  return res

@@ -1,0 +1,75 @@
+"""Mask pasting: per-RoI mask probabilities into the full image, as torchvision does it."""
+import jax
+import jax.numpy as jnp
+
+from maskrcnn_jax.types import Array
+
+
+def _resize_rows(dst: Array, out_size: Array, in_size: int) -> Array:
+  """Bilinear (align_corners=False) weights that resize `in_size` samples to `out_size`.
+
+  Args:
+    dst: [L] int32 destination indices (may fall outside [0, out_size): those rows are zero).
+    out_size: scalar int32 >= 1, the destination length (traced; one per RoI).
+    in_size: static source length.
+
+  Returns:
+    [L, in_size] float32, two non-zeros per valid row, as `F.interpolate(mode='bilinear')`.
+  """
+  scale = jnp.float32(in_size) / out_size.astype(jnp.float32)
+  src = jnp.maximum(scale * (dst.astype(jnp.float32) + 0.5) - 0.5, 0.0)
+  i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_size - 1)
+  lam = jnp.clip(src - i0.astype(jnp.float32), 0.0, 1.0)
+  i1 = i0 + (i0 < in_size - 1).astype(jnp.int32)
+  cols = jnp.arange(in_size)
+  w = ((cols[None, :] == i0[:, None]) * (1.0 - lam)[:, None]
+       + (cols[None, :] == i1[:, None]) * lam[:, None])
+  inside = (dst >= 0) & (dst < out_size)
+  return jnp.where(inside[:, None], w, 0.0).astype(jnp.float32)
+
+
+def paste_masks(masks: Array, boxes: Array, height: int, width: int, padding: int = 1) -> Array:
+  """Pastes RoI masks into an image canvas, exactly as torchvision's `paste_masks_in_image`.
+
+  Each `S x S` mask is zero-padded by `padding`, its box enlarged by `(S + 2 * padding) / S` about its
+  centre and truncated to integers, the padded mask resized bilinearly (align_corners=False) to the
+  integer box size `(x2 - x1 + 1, y2 - y1 + 1)`, and written at the box's place; pixels outside every
+  box stay 0. The canvas may be larger than the image (bucketed inference): pixels beyond the image
+  are then simply cropped by the caller, since torchvision's clipping only removes those.
+
+  Args:
+    masks: [N, S, S] float mask probabilities (one channel per RoI, already class-selected).
+    boxes: [N, 4] float32 (x1, y1, x2, y2) in the canvas' pixel frame.
+    height, width: static canvas size.
+    padding: torchvision's 1.
+
+  Returns:
+    [N, height, width] float32.
+  """
+  if masks.ndim != 3 or masks.shape[1] != masks.shape[2]:
+    raise ValueError(f"masks must be [N, S, S], got {masks.shape}")
+  if boxes.shape != (masks.shape[0], 4):
+    raise ValueError(f"boxes must be [N, 4] matching masks, got {boxes.shape}")
+  s = masks.shape[-1]
+  m = s + 2 * padding
+  scale = float(m) / s
+  boxes = boxes.astype(jnp.float32)
+  w_half = (boxes[:, 2] - boxes[:, 0]) * 0.5 * jnp.float32(scale)
+  h_half = (boxes[:, 3] - boxes[:, 1]) * 0.5 * jnp.float32(scale)
+  x_c = (boxes[:, 2] + boxes[:, 0]) * 0.5
+  y_c = (boxes[:, 3] + boxes[:, 1]) * 0.5
+  # float -> int64 in torch truncates toward zero.
+  x1 = jnp.trunc(x_c - w_half).astype(jnp.int32)
+  x2 = jnp.trunc(x_c + w_half).astype(jnp.int32)
+  y1 = jnp.trunc(y_c - h_half).astype(jnp.int32)
+  y2 = jnp.trunc(y_c + h_half).astype(jnp.int32)
+  bw = jnp.maximum(x2 - x1 + 1, 1)
+  bh = jnp.maximum(y2 - y1 + 1, 1)
+  padded = jnp.pad(masks.astype(jnp.float32), ((0, 0), (padding, padding), (padding, padding)))
+  ys = jnp.arange(height, dtype=jnp.int32)
+  xs = jnp.arange(width, dtype=jnp.int32)
+  ry = jax.vmap(lambda o, n: _resize_rows(ys - o, n, m))(y1, bh)  # [N, H, m]
+  rx = jax.vmap(lambda o, n: _resize_rows(xs - o, n, m))(x1, bw)  # [N, W, m]
+  hi = jax.lax.Precision.HIGHEST
+  cols = jnp.einsum("nab,nwb->naw", padded, rx, precision=hi)  # [N, m, W]
+  return jnp.einsum("nha,naw->nhw", ry, cols, precision=hi)

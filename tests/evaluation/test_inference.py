@@ -1,0 +1,93 @@
+"""predict(): static shapes (one trace per bucket), input checks, output frame."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import maskrcnn_jax
+from configs import tiny
+from maskrcnn_jax.evaluation import inference
+from maskrcnn_jax.modeling import build_model
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+  cfg = tiny.get_config()
+  model = build_model(cfg.model)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 128, 128, 3)),
+                         jnp.array([[128, 128]]), jnp.array([[128, 128]]))
+  return model, variables, cfg.input
+
+
+def _predict(tiny_model, images, **kw):
+  model, variables, inp = tiny_model
+  return maskrcnn_jax.predict(model, variables, images, min_size=inp.min_size,
+                              max_size=inp.max_size, **kw)
+
+
+def test_one_trace_per_bucket(tiny_model):
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+            for h, w in [(100, 120), (90, 128), (110, 100), (64, 64)]]
+  before = inference.TRACE_COUNTS["forward"]
+  out = _predict(tiny_model, images)
+  assert inference.TRACE_COUNTS["forward"] - before == 1  # all four land in the 128 x 128 bucket
+  out2 = _predict(tiny_model, [rng.integers(0, 255, (77, 101, 3), dtype=np.uint8)])
+  assert inference.TRACE_COUNTS["forward"] - before == 1  # a new size, same bucket: no retrace
+  for im, r in zip(images, out):
+    n = len(r["scores"])
+    assert r["boxes"].shape == (n, 4) and r["labels"].shape == (n,)
+    assert r["masks"].shape == (n,) + im.shape[:2]
+    assert np.all(np.diff(r["scores"]) <= 0)
+    assert np.all(r["boxes"][:, [0, 2]] <= im.shape[1] + 1e-3)
+    assert np.all(r["boxes"][:, [1, 3]] <= im.shape[0] + 1e-3)
+    assert np.all((r["labels"] >= 1) & (r["labels"] < 4))
+  assert out2[0]["masks"].shape[1:] == (77, 101)
+  # A tall image under a larger size cap needs another bucket (256 x 128): exactly one more trace.
+  model, variables, inp = tiny_model
+  maskrcnn_jax.predict(model, variables, [rng.integers(0, 255, (200, 90, 3), dtype=np.uint8)],
+                       min_size=inp.min_size, max_size=256)
+  assert inference.TRACE_COUNTS["forward"] - before == 2
+
+
+def test_batching_gives_the_same_results(tiny_model):
+  rng = np.random.default_rng(1)
+  images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in [(96, 128), (120, 100),
+                                                                        (80, 80)]]
+  one = _predict(tiny_model, images, batch_size=1)
+  two = _predict(tiny_model, images, batch_size=2)
+  for a, b in zip(one, two):
+    np.testing.assert_allclose(a["boxes"], b["boxes"], atol=1e-3)
+    np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-5)
+    np.testing.assert_allclose(a["masks"], b["masks"], atol=1e-4)
+
+
+def test_bad_inputs_give_clear_errors(tiny_model):
+  good = np.zeros((64, 64, 3), np.uint8)
+  with pytest.raises(ValueError, match="empty"):
+    _predict(tiny_model, [])
+  with pytest.raises(TypeError, match="uint8"):
+    _predict(tiny_model, [good.astype(np.float32)])
+  with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
+    _predict(tiny_model, [np.zeros((64, 64, 4), np.uint8)])
+  with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
+    _predict(tiny_model, [np.zeros((64, 64), np.uint8)])
+  with pytest.raises(TypeError, match="list"):
+    _predict(tiny_model, good)
+  with pytest.raises(TypeError, match="numpy"):
+    _predict(tiny_model, [good.tolist()])
+  with pytest.raises(ValueError, match="bucket"):
+    _predict(tiny_model, [good], bucket=100)
+
+
+def test_unknown_config_keys_are_errors():
+  cfg = tiny.get_config()
+  cfg.model.box_head.representation = 12  # a typo of representation_size
+  with pytest.raises(ValueError, match="representation"):
+    build_model(cfg.model)
+  cfg = tiny.get_config()
+  cfg.model.roi_align.pooler_type = "warp"
+  model = build_model(cfg.model)
+  with pytest.raises(ValueError, match="pooler_type"):
+    model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.array([[64, 64]]),
+               jnp.array([[64, 64]]))

@@ -1,0 +1,114 @@
+"""Random-init torchvision Mask R-CNNs that behave like detectors, for side-by-side tests.
+
+torchvision's own random init gives near-constant class scores (no detection passes 0.05), so after
+seeding we randomize every BatchNorm's statistics and affine terms, widen the heads a little, and take
+the proposal-mean direction out of the classifier, which gives ~100 detections over a dozen classes
+with distinct scores: a real test of per-class decoding, NMS and masks.
+"""
+import numpy as np
+
+
+def photos():
+  """Real photos of three shapes (square, landscape, landscape of odd size)."""
+  import skimage.data
+  return {"astronaut": skimage.data.astronaut(), "coffee": skimage.data.coffee(),
+          "chelsea": skimage.data.chelsea()}
+
+
+def to_tensor(image: np.ndarray):
+  import torch
+  return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+
+
+def build_torchvision(depth: int = 50, seed: int = 0, calibration_image=None):
+  """A torchvision Mask R-CNN (R50-FPN via `maskrcnn_resnet50_fpn`, R101-FPN with FrozenBatchNorm2d
+  via `resnet_fpn_backbone`) with detector-like random weights, in eval mode."""
+  import torch
+  import torchvision
+  from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
+  from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+  torch.manual_seed(seed)
+  if depth == 50:
+    m = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)  # BatchNorm2d form
+  else:
+    backbone = resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None, trainable_layers=5)
+    m = MaskRCNN(backbone, num_classes=91)  # FrozenBatchNorm2d form
+  m.eval()
+  g = torch.Generator().manual_seed(seed + 1)
+  norms = (torch.nn.BatchNorm2d, torchvision.ops.misc.FrozenBatchNorm2d)
+  with torch.no_grad():
+    for name, mod in m.named_modules():
+      if isinstance(mod, norms):
+        c = mod.weight.shape[0]
+        last = name.endswith("bn3") or name.endswith("downsample.1")
+        mod.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+        mod.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+        mod.weight.copy_(torch.rand(c, generator=g) * 0.5 + (0.25 if last else 0.75))
+        mod.bias.copy_(torch.randn(c, generator=g) * 0.1)
+    m.rpn.head.cls_logits.weight.mul_(40)
+    m.roi_heads.box_head.fc6.weight.mul_(3)
+    m.roi_heads.box_head.fc7.weight.mul_(3)
+    m.roi_heads.box_predictor.bbox_pred.weight.mul_(3)
+    image = calibration_image if calibration_image is not None else photos()["astronaut"]
+    il, _ = m.transform([to_tensor(image)])
+    feats = m.backbone(il.tensors)
+    props, _ = m.rpn(il, feats)
+    box_feats = m.roi_heads.box_head(m.roi_heads.box_roi_pool(feats, props, il.image_sizes))
+    mu = box_feats.mean(0)
+    w = m.roi_heads.box_predictor.cls_score.weight
+    w -= (w @ mu)[:, None] * mu[None] / (mu @ mu)
+    w.mul_(10)
+  return m
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Pairwise IoU in float64 numpy (the independent reference). a: [N, 4], b: [M, 4] -> [N, M]."""
+  a = a.astype(np.float64)
+  b = b.astype(np.float64)
+  area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+  area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+  lt = np.maximum(a[:, None, :2], b[None, :, :2])
+  rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+  wh = np.clip(rb - lt, 0, None)
+  inter = wh[..., 0] * wh[..., 1]
+  union = area_a[:, None] + area_b[None, :] - inter
+  return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def match_detections(ref: dict, ours: dict, iou_min=0.99, score_tol=1e-3, mask_iou_min=0.98):
+  """Matches each reference detection to an unused one of ours with the same label, box IoU >=
+  iou_min and |score difference| <= score_tol (greedy, best IoU first).
+
+  Returns dict(n_ref, n_ours, matched, rate, min_mask_iou, mask_ok_rate, max_score_diff, min_box_iou).
+  """
+  n_ref, n_ours = len(ref["scores"]), len(ours["scores"])
+  stats = dict(n_ref=n_ref, n_ours=n_ours, matched=0, rate=1.0 if n_ref == 0 else 0.0,
+               min_mask_iou=1.0, mask_ok_rate=1.0, max_score_diff=0.0, min_box_iou=1.0)
+  if n_ref == 0:
+    return stats
+  iou = box_iou(ref["boxes"], ours["boxes"]) if n_ours else np.zeros((n_ref, 0))
+  used = np.zeros(n_ours, bool)
+  pairs = []
+  for i in range(n_ref):
+    ok = ((iou[i] >= iou_min) & (ours["labels"] == ref["labels"][i])
+          & (np.abs(ours["scores"] - ref["scores"][i]) <= score_tol) & ~used)
+    if ok.any():
+      j = int(np.argmax(np.where(ok, iou[i], -1)))
+      used[j] = True
+      pairs.append((i, j))
+  stats["matched"] = len(pairs)
+  stats["rate"] = len(pairs) / n_ref
+  if pairs:
+    stats["max_score_diff"] = float(max(abs(ref["scores"][i] - ours["scores"][j]) for i, j in pairs))
+    stats["min_box_iou"] = float(min(iou[i, j] for i, j in pairs))
+    if "masks" in ref and "masks" in ours:
+      mious = []
+      for i, j in pairs:
+        a, b = ref["masks"][i] > 0.5, ours["masks"][j] > 0.5
+        union = np.logical_or(a, b).sum()
+        mious.append(1.0 if union == 0 else np.logical_and(a, b).sum() / union)
+      mious = np.asarray(mious)
+      stats["min_mask_iou"] = float(mious.min())
+      stats["mask_ok_rate"] = float((mious >= mask_iou_min).mean())
+  return stats
