@@ -65,7 +65,10 @@ def interleaved_medians(fns: dict, runs: int) -> dict:
 
 
 def jax_fns(features, boxes, cotangent):
-  """Returns (forward, forward_backward) closures for ours, each blocking until done."""
+  """Returns (forward, forward_backward, XLA temp MB of forward_backward) for ours.
+
+  Both closures are compiled ahead of time (so that a first call only runs) and block until done.
+  """
   import jax
   import jax.numpy as jnp
 
@@ -73,11 +76,13 @@ def jax_fns(features, boxes, cotangent):
 
   f, b, ct = jnp.asarray(features), jnp.asarray(boxes), jnp.asarray(cotangent)
   pool = lambda x: roi_align(x, b, OUTPUT_SIZE, SCALE, SAMPLING_RATIO, ALIGNED)
-  forward = jax.jit(pool)
+  forward = jax.jit(pool).lower(f).compile()
   # value_and_grad: the loss needs the forward pass (a bare grad of a linear op would skip it).
-  grad = jax.jit(jax.value_and_grad(lambda x: jnp.sum(pool(x) * ct)))
+  grad = jax.jit(jax.value_and_grad(lambda x: jnp.sum(pool(x) * ct))).lower(f).compile()
+  analysis = grad.memory_analysis()
+  temp_mb = None if analysis is None else analysis.temp_size_in_bytes / 2**20
   return (lambda: forward(f).block_until_ready(),
-          lambda: jax.block_until_ready(grad(f)))
+          lambda: jax.block_until_ready(grad(f)), temp_mb)
 
 
 def torch_fns(features, boxes, cotangent):
@@ -100,7 +105,7 @@ def torch_fns(features, boxes, cotangent):
     (pool(x) * ct).sum().backward()
     return x.grad
 
-  return forward, forward_backward
+  return forward, forward_backward, None
 
 
 def _proc_status_mb(field: str):
@@ -118,14 +123,16 @@ def _proc_status_mb(field: str):
 def measure_memory(side: str) -> dict:
   """Child process: resident memory around forward + backward on one side, in MB.
 
-  `peak_mb`: the peak RSS of the whole process, compilation included (VmHWM; ru_maxrss would be
-  inherited from the parent across exec). `run_mb`: the peak RSS of one steady-state forward +
-  backward over the RSS just before it (the peak is reset after the warm-up through
-  /proc/self/clear_refs), i.e. the working memory of the op itself.
+  `peak_mb`: the peak RSS of the whole process, imports and compilation included (VmHWM; ru_maxrss
+  would be inherited from the parent across exec). `run_mb`: the peak RSS of the first forward +
+  backward run over the RSS just before it (the peak is reset through /proc/self/clear_refs after
+  compiling ours, after a warm-up of torchvision's), i.e. the working memory of the op: its
+  output, the gradient and any temporaries. `xla_temp_mb`: XLA's own count of our temporaries.
   """
   inputs = make_inputs()
   fns = (jax_fns if side == "jax" else torch_fns)(*inputs)
-  fns[1]()  # Warm-up (compiles ours).
+  if side == "torch":
+    fns[1]()  # Warm-up: torch's first call sets things up; it returns its memory to the system.
   try:
     with open("/proc/self/clear_refs", "w") as f:
       f.write("5")  # Resets VmHWM to the current RSS.
@@ -137,7 +144,7 @@ def measure_memory(side: str) -> dict:
   peak = _proc_status_mb("VmHWM")
   if peak is None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-  return {"peak_mb": peak, "run_mb": run}
+  return {"peak_mb": peak, "run_mb": run, "xla_temp_mb": fns[2]}
 
 
 def memory_in_subprocess(side: str) -> dict:
@@ -185,8 +192,11 @@ def main():
       row += f" {m['peak_mb']:12.0f} {run:>11s}"
     print(row)
   if memory:
-    print("  (peak RSS: whole process incl. imports and compilation; fwd+bwd MB: extra resident "
-          "memory of one steady-state forward + backward)")
+    print("  peak RSS: whole process, imports and compilation included; fwd+bwd MB: resident memory "
+          "added by the first forward + backward (output, gradient, temporaries)")
+    temp = memory["ours"]["xla_temp_mb"]
+    if temp is not None:
+      print(f"  XLA temporaries of our forward + backward: {temp:.1f} MB")
   fwd_ratio = times["ours"][0] / times["torchvision"][0]
   bwd_ratio = times["ours"][1] / times["torchvision"][1]
   print(f"{'ours/tv':12s} {fwd_ratio:10.2f} {bwd_ratio:10.2f}")

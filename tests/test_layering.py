@@ -1,0 +1,42 @@
+"""The house's one-way layering, checked by parsing imports: ops <- modeling <- training/evaluation;
+data/ stands apart (numpy/tf only); nothing imports upward."""
+import ast
+import pathlib
+
+import pytest
+
+PKG = pathlib.Path(__file__).resolve().parents[1] / "maskrcnn_jax"
+# For each subpackage, the maskrcnn_jax subpackages it must not import.
+FORBIDDEN = {
+    "ops": {"modeling", "training", "evaluation", "data", "convert"},
+    "modeling": {"training", "evaluation", "data", "convert"},
+    "data": {"ops", "modeling", "training", "evaluation", "convert"},
+    "convert": {"training", "evaluation", "data"},
+    "training": {"evaluation"},
+}
+THIRD_PARTY_FORBIDDEN = {"ops": {"flax"}, "data": {"jax", "flax", "optax", "orbax"}}
+
+
+def _imports(path):
+  tree = ast.parse(path.read_text(), filename=str(path))
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      for a in node.names:
+        yield a.name
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      yield node.module
+
+
+@pytest.mark.parametrize("sub", sorted(FORBIDDEN))
+def test_no_upward_imports(sub):
+  files = sorted((PKG / sub).rglob("*.py"))
+  assert files, f"maskrcnn_jax/{sub} has no modules"
+  bad = []
+  for f in files:
+    for name in _imports(f):
+      parts = name.split(".")
+      if parts[0] == "maskrcnn_jax" and len(parts) > 1 and parts[1] in FORBIDDEN[sub]:
+        bad.append(f"{f.relative_to(PKG.parent)} imports {name}")
+      if parts[0] in THIRD_PARTY_FORBIDDEN.get(sub, ()):
+        bad.append(f"{f.relative_to(PKG.parent)} imports {name}")
+  assert not bad, "\n".join(bad)
