@@ -2,16 +2,18 @@
 
     python benchmarks/bench_pipeline.py [--num_images 256] [--source_size 640] [--batch_size 8]
 
-Writes a shapes dataset to a temporary folder (or --work_dir), prepares it with the tfds builder, then
-times `make_dataset(..., training=True)` with the default training chain: decode image and RLE
-masks, crop masks to their boxes (112 x 112), resize to fit 1024 x 1024 with scale jitter
-(0.8-1.25) and random crop, random flip, normalize, pad image and instances (100). Only the
-iteration is timed (after warm-up), not the dataset preparation. On the 2-core CPU machine all of it
-shares the 2 cores; a training step on the same machine needs far less than this (one step of
-torchvision Mask R-CNN at batch 2, 512 x 512 takes ~12 s here: ~0.16 images/s).
+Writes a shapes dataset to a temporary folder (or --work_dir), prepares it with the tfds builder,
+then times `make_dataset(..., training=True)` with the default training chain: decode image and RLE
+masks, crop masks to their boxes (112 x 112), random flip, resize to fit 1024 x 1024 with scale
+jitter (0.8-1.25) and random crop, normalize, pad image and instances (100). Only the iteration is
+timed (after warm-up), not the dataset preparation. It prints images/s (wall clock) and the CPU
+time per image, which does not depend on other processes sharing the cores. On the 2-core CPU
+machine a training step needs far less than this (one step of torchvision Mask R-CNN at batch 2,
+512 x 512 takes ~12 s there: ~0.16 images/s).
 """
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -40,6 +42,14 @@ def main(argv=None):
   from maskrcnn_jax.data import make_dataset, prepare_coco_format, shapes
 
   work = args.work_dir or tempfile.mkdtemp(prefix="bench_pipeline_")
+  try:
+    run(args, work, make_dataset, prepare_coco_format, shapes)
+  finally:
+    if not args.work_dir:
+      shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, work, make_dataset, prepare_coco_format, shapes):
   src = os.path.join(work, f"shapes_{args.source_size}_{args.num_images}_{args.max_objects}")
   if not os.path.exists(os.path.join(src, "annotations", "instances_train.json")):
     t0 = time.perf_counter()
@@ -55,17 +65,21 @@ def main(argv=None):
                     mask_crop_size=112, scale_range=(0.8, 1.25))
   for _ in range(args.warmup_batches):
     batch = next(it)
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   for _ in range(args.num_batches):
     batch = next(it)
-  dt = time.perf_counter() - t0
+  dt, cpu = time.perf_counter() - t0, time.process_time() - c0
   n = args.num_batches * args.batch_size
   shapes_str = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items()
                          if k in ("image", "gt_masks", "gt_boxes"))
   print(f"batch: {shapes_str}")
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
   print(f"pipeline throughput: {n / dt:.1f} images/s ({dt / args.num_batches:.3f} s per batch of "
         f"{args.batch_size}; {os.cpu_count()} CPU cores; source {args.source_size}x"
         f"{args.source_size} PNG -> {args.output_size}x{args.output_size})")
+  # Wall-clock throughput drops when other processes share the cores; CPU time per image does not.
+  print(f"CPU time: {1000 * cpu / n:.1f} ms per image -> {n / cpu:.1f} images/s per fully "
+        f"available core (load average during the run: {load:.1f})")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,10 @@ THREADS = 2
 
 
 def make_inputs(seed: int = 0):
-  """Returns features [H, W, C] float32, boxes [N, 4] float32 xyxy pixels, cotangent [N, S, S, C]."""
+  """Returns features [H, W, C], boxes [N, 4] (x1, y1, x2, y2) pixels, cotangent [N, S, S, C].
+
+  All float32, from a fixed seed.
+  """
   rng = np.random.default_rng(seed)
   features = rng.standard_normal(
       (int(IMAGE_H * SCALE), int(IMAGE_W * SCALE), CHANNELS)).astype(np.float32)
@@ -75,14 +78,16 @@ def jax_fns(features, boxes, cotangent):
   from maskrcnn_jax.ops.roi_align import roi_align
 
   f, b, ct = jnp.asarray(features), jnp.asarray(boxes), jnp.asarray(cotangent)
-  pool = lambda x: roi_align(x, b, OUTPUT_SIZE, SCALE, SAMPLING_RATIO, ALIGNED)
-  forward = jax.jit(pool).lower(f).compile()
+  pool = lambda x, b: roi_align(x, b, OUTPUT_SIZE, SCALE, SAMPLING_RATIO, ALIGNED)
+  # Boxes and cotangent are arguments, not closed-over constants that XLA would fold.
+  forward = jax.jit(pool).lower(f, b).compile()
   # value_and_grad: the loss needs the forward pass (a bare grad of a linear op would skip it).
-  grad = jax.jit(jax.value_and_grad(lambda x: jnp.sum(pool(x) * ct))).lower(f).compile()
+  loss = lambda x, b, ct: jnp.sum(pool(x, b) * ct)
+  grad = jax.jit(jax.value_and_grad(loss)).lower(f, b, ct).compile()
   analysis = grad.memory_analysis()
   temp_mb = None if analysis is None else analysis.temp_size_in_bytes / 2**20
-  return (lambda: forward(f).block_until_ready(),
-          lambda: jax.block_until_ready(grad(f)), temp_mb)
+  return (lambda: forward(f, b).block_until_ready(),
+          lambda: jax.block_until_ready(grad(f, b, ct)), temp_mb)
 
 
 def torch_fns(features, boxes, cotangent):
@@ -176,7 +181,8 @@ def main():
       ("ours", ours), ("torchvision", theirs)) for step in (0, 1)}, args.runs)
   times = {name: [medians[(name, 0)], medians[(name, 1)]] for name in ("ours", "torchvision")}
 
-  print(f"RoIAlign, {CHANNELS}x{int(IMAGE_H * SCALE)}x{int(IMAGE_W * SCALE)} map, {NUM_BOXES} boxes, "
+  print(f"RoIAlign, {CHANNELS}x{int(IMAGE_H * SCALE)}x{int(IMAGE_W * SCALE)} map, "
+        f"{NUM_BOXES} boxes, "
         f"{OUTPUT_SIZE}x{OUTPUT_SIZE}, sampling {SAMPLING_RATIO}, aligned {ALIGNED}; "
         f"median of {args.runs}; jax {jax.__version__} on {jax.devices()[0].platform}, "
         f"torch threads {THREADS}")
@@ -192,8 +198,8 @@ def main():
       row += f" {m['peak_mb']:12.0f} {run:>11s}"
     print(row)
   if memory:
-    print("  peak RSS: whole process, imports and compilation included; fwd+bwd MB: resident memory "
-          "added by the first forward + backward (output, gradient, temporaries)")
+    print("  peak RSS: whole process, imports and compilation included; fwd+bwd MB: resident "
+          "memory added by the first forward + backward (output, gradient, temporaries)")
     temp = memory["ours"]["xla_temp_mb"]
     if temp is not None:
       print(f"  XLA temporaries of our forward + backward: {temp:.1f} MB")

@@ -1,8 +1,8 @@
 """A tfds builder for COCO-format instance segmentation folders (COCO 2017 or any custom folder).
 
 tfds's `coco/2017` has boxes only; this builder keeps the instance masks. Use it through
-`prepare_coco_format`, which derives a builder config from the inputs (so a second call with the same
-inputs reuses the prepared data) and returns a builder whose `as_dataset` gives, per image:
+`prepare_coco_format`, which derives a builder config from the inputs (so a second call with the
+same inputs reuses the prepared data) and returns a builder whose `as_dataset` gives, per image:
 
   image            [H, W, 3] uint8 RGB (stored as the original JPEG/PNG bytes, or as PNG after
                    conversion to RGB)
@@ -13,8 +13,8 @@ inputs reuses the prepared data) and returns a builder whose `as_dataset` gives,
     id             [M] int64 COCO annotation id
     bbox_xyxy      [M, 4] float32 (x1, y1, x2, y2) absolute pixels of the original image: the JSON's
                    [x, y, w, h] converted and clipped to the image  <- use this one
-    bbox           [M, 4] float32 tfds BBoxFeature, normalized (ymin, xmin, ymax, xmax), the same box
-                   (kept for tfds tools such as `tfds.visualization`)
+    bbox           [M, 4] float32 tfds BBoxFeature, normalized (ymin, xmin, ymax, xmax), the same
+                   box (kept for tfds tools such as `tfds.visualization`)
     label          [M] int64 contiguous class index 0..K-1 (tfds ClassLabel, names in
                    `info.features['objects']['label'].names`); the model's class is label + 1
     category_id    [M] int64 COCO category id
@@ -22,9 +22,9 @@ inputs reuses the prepared data) and returns a builder whose `as_dataset` gives,
     area           [M] float32 the JSON's area (mask area if absent)
     mask_rle_length [M] int32 number of RLE runs of each object
   mask_rle         [R] int32 uncompressed COCO RLE counts of all objects' full-image masks,
-                   concatenated in objects order (column-major runs starting with zeros); decode with
-                   `transforms.decode_masks` (TF) or `coco_io.decode_rle` (numpy). Equal pixel for
-                   pixel to pycocotools' `COCO.annToMask`.
+                   concatenated in objects order (column-major runs starting with zeros);
+                   decode with `transforms.decode_rle` (TF) or `coco_io.decode_rle` (numpy).
+                   Equal pixel for pixel to pycocotools' `COCO.annToMask`.
 
 Next to the data (`builder.data_dir`), `categories.json` maps label <-> contiguous class (label + 1)
 <-> COCO category id <-> name, and `skip_report.json` lists what was skipped or fixed (see
@@ -42,7 +42,10 @@ from tensorflow_datasets.core import utils as tfds_utils
 
 from maskrcnn_jax.data import coco_io
 
-tf.config.set_visible_devices([], "GPU")
+try:  # This package never needs a GPU; leave it to jax.
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TF already initialised its devices (the caller got there first).
+  pass
 
 VERSION = "1.0.0"
 CATEGORIES_FILE = "categories.json"

@@ -2,32 +2,39 @@
 
 This is the part of the tfds builder that touches files: it parses an annotation JSON, opens each
 image, turns every annotation into a full-image mask exactly as pycocotools' `COCO.annToMask` does,
-and counts everything it has to skip or fix. `builder.py` wraps it into a tfds `GeneratorBasedBuilder`.
+and counts everything it has to skip or fix. `builder.py` wraps it into a tfds
+`GeneratorBasedBuilder`.
 
 Bad data is never dropped silently. Each case below is counted in a `SplitReport` (printed and saved
 as `skip_report.json` next to the prepared dataset):
 
-| case                                             | what happens                                 |
-|--------------------------------------------------|----------------------------------------------|
-| image file missing                               | image skipped (`missing_image`)              |
-| image file unreadable / truncated                | image skipped (`unreadable_image`)           |
-| image size differs from the JSON's width/height  | image skipped (`size_mismatch`)              |
-| duplicate image id                               | later entry skipped (`duplicate_image_id`)   |
-| grayscale / RGBA / CMYK / palette / 16-bit image | converted to RGB, re-encoded as PNG (`converted_<mode>`) |
-| annotation for an unknown image id               | annotation skipped (`unknown_image`)         |
-| annotation with an unknown category id           | annotation skipped (`unknown_category`)      |
-| polygon with < 3 points, odd length, non-finite  | polygon dropped (`degenerate_polygon`); the annotation is skipped (`empty_segmentation`) if none is left |
-| RLE whose `size` is not the image's (h, w)       | annotation skipped (`rle_size_mismatch`)     |
-| missing or malformed segmentation                | annotation skipped (`missing_segmentation`)  |
-| segmentation that rasterizes to no pixel         | annotation skipped (`empty_mask`)            |
-| bbox missing                                     | computed from the mask (`bbox_from_mask`)    |
-| bbox malformed / width or height <= 0            | annotation skipped (`zero_area_box`)         |
-| bbox partly outside the image                    | clipped to the image (`clipped_box`)         |
-| bbox entirely outside the image                  | annotation skipped (`box_outside_image`)     |
-| image with no (remaining) annotation             | kept (`images_without_annotations`): evaluation needs it; the training pipeline skips it unless asked |
+  case                                              what happens (counter)
+  image file missing                                image skipped (missing_image)
+  image file unreadable / truncated                 image skipped (unreadable_image)
+  image size differs from the JSON's width/height   image skipped (size_mismatch)
+  duplicate image id                                later entry skipped (duplicate_image_id)
+  grayscale / RGBA / CMYK / palette / 16-bit image  converted to RGB as PIL converts (alpha
+                                                    dropped; 16-bit scaled by 1/257 when above
+                                                    255), stored as PNG (converted_<mode>)
+  annotation for an unknown image id                annotation skipped (unknown_image)
+  annotation with an unknown category id            annotation skipped (unknown_category)
+  polygon with < 3 points, odd length, non-finite   polygon dropped (degenerate_polygon); the
+                                                    annotation skipped if none is left
+                                                    (empty_segmentation)
+  RLE whose `size` is not the image's (h, w)        annotation skipped (rle_size_mismatch)
+  missing or malformed segmentation                 annotation skipped (missing_segmentation)
+  segmentation that rasterizes to no pixel          annotation skipped (empty_mask)
+  bbox missing                                      computed from the mask (bbox_from_mask)
+  bbox malformed / width or height <= 0             annotation skipped (zero_area_box)
+  bbox partly outside the image                     clipped to the image (clipped_box)
+  bbox entirely outside the image                   annotation skipped (box_outside_image)
+  image with no (remaining) annotation              kept (images_without_annotations): evaluation
+                                                    needs it; the training pipeline skips it
+                                                    unless asked
 
-Masks are stored as uncompressed COCO RLE: the run lengths of the full-image mask read in column-major
-(Fortran) order, starting with a run of zeros (possibly of length 0). `decode_rle` inverts it.
+Masks are stored as uncompressed COCO RLE: the run lengths of the full-image mask read in
+column-major (Fortran) order, starting with a run of zeros (possibly of length 0). `decode_rle`
+inverts it.
 """
 import collections
 import dataclasses
@@ -104,8 +111,8 @@ class SplitReport:
 
 @dataclasses.dataclass(frozen=True)
 class Category:
-  """One category. `label` is the contiguous 0-based index (tfds ClassLabel); the model's class index
-  is `label + 1` (0 is background)."""
+  """One category. `label` is the contiguous 0-based index (tfds ClassLabel); the model's class
+  index is `label + 1` (0 is background)."""
   label: int
   category_id: int
   name: str
@@ -236,7 +243,9 @@ def annotation_mask(segmentation, height, width, report=None, ann_id=None):
           return None, "rle_size_mismatch"
         rle = mask_utils.frPyObjects(segmentation, height, width)
       elif isinstance(counts, (str, bytes)):
-        rle = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        if isinstance(counts, str):
+          counts = counts.encode("ascii")
+        rle = {"size": size, "counts": counts}
       else:
         return None, "missing_segmentation"
       mask = mask_utils.decode(rle)

@@ -37,7 +37,10 @@ import tensorflow_datasets as tfds
 
 from maskrcnn_jax.data import transforms as T
 
-tf.config.set_visible_devices([], "GPU")
+try:  # This package never needs a GPU; leave it to jax.
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TF already initialised its devices (the caller got there first).
+  pass
 
 OUTPUT_KEYS = ("image", "image_size", "original_size", "scale", "image_id", "gt_boxes",
                "gt_classes", "gt_masks", "gt_valid", "crowd_boxes", "crowd_valid", "num_dropped",
@@ -48,7 +51,7 @@ def default_transforms(*, training, image_size=(1024, 1024), max_instances=100,
                        mask_crop_size=112, resize="fit", min_size=800, max_size=1333,
                        scale_range=None, flip_prob=0.5, max_crowd_instances=20,
                        mask_dtype="float32"):
-  """The standard chain: decode, resize, (flip), normalize, pad image, pad instances.
+  """The standard chain: decode, (flip), resize, normalize, pad image, pad instances.
 
   Args:
     training: adds the random flip and the scale jitter.
@@ -56,8 +59,8 @@ def default_transforms(*, training, image_size=(1024, 1024), max_instances=100,
     max_instances, max_crowd_instances: fixed object counts M and Mc.
     mask_crop_size: S.
     resize: 'fit' (TPU style: scale to fit image_size, long side to its size for a square) or
-      'short_side' (torchvision style: short side to min_size, long side at most max_size; image_size
-      must hold the result, e.g. (1344, 1344) for 800/1333).
+      'short_side' (torchvision style: short side to min_size, long side at most max_size;
+      image_size must hold the result, e.g. (1344, 1344) for 800/1333).
     min_size: int, or a tuple to draw from per example in training (torchvision multi-scale).
     scale_range: (low, high) jitter for resize='fit' in training (default (1, 1): none), e.g.
       (0.8, 1.25); the image is randomly cropped back to image_size when larger.
@@ -65,6 +68,10 @@ def default_transforms(*, training, image_size=(1024, 1024), max_instances=100,
     mask_dtype: 'float32' (soft [0, 1]) or 'uint8' (binarized at 0.5).
   """
   chain = [T.decode_coco_example(mask_crop_size)]
+  if training and flip_prob > 0:
+    # Flipping commutes with resizing; done first, it moves the small uint8 image, not the
+    # resized float32 one.
+    chain.append(T.random_flip(flip_prob))
   if resize == "fit":
     chain.append(T.resize_to_fit(image_size, scale_range if (training and scale_range) else
                                  (1.0, 1.0)))
@@ -73,8 +80,6 @@ def default_transforms(*, training, image_size=(1024, 1024), max_instances=100,
     chain.append(T.resize_short_side(sizes, max_size))
   else:
     raise ValueError(f"resize must be 'fit' or 'short_side', got {resize!r}")
-  if training and flip_prob > 0:
-    chain.append(T.random_flip(flip_prob))
   chain += [T.normalize(), T.pad_image(image_size),
             T.pad_instances(max_instances, max_crowd_instances)]
   if mask_dtype == "uint8":

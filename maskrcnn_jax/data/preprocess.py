@@ -27,8 +27,8 @@ def resized_size(h, w, min_size=800, max_size=1333):
   `floor(dim * scale)` for each side.
 
   Note: TorchScript / ONNX tracing compute the scale in float32 instead, which gives one pixel
-  less for some sizes (e.g. 103 x 103 -> 799 x 799 instead of 800 x 800). We follow eager mode, which
-  is what `maskrcnn_resnet50_fpn(...)(images)` runs.
+  less for some sizes (e.g. 103 x 103 -> 799 x 799 instead of 800 x 800). We follow eager mode,
+  which is what `maskrcnn_resnet50_fpn(...)(images)` runs.
 
   Args:
     h, w: input height and width in pixels (ints).

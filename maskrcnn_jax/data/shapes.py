@@ -2,14 +2,14 @@
 
     python -m maskrcnn_jax.data.shapes --out DIR --num_train 1000 --num_val 100 --seed 0
 
-writes `DIR/{train,val}/NNNNNN.png` and `DIR/annotations/instances_{train,val}.json`. Each image has a
-textured background (noise, a gradient or stripes) and 1-6 objects of 3 classes ('circle',
+writes `DIR/{train,val}/NNNNNN.png` and `DIR/annotations/instances_{train,val}.json`. Each image
+has a textured background (noise, a gradient or stripes) and 1-6 objects of 3 classes ('circle',
 'square', 'triangle'; category ids 1, 2, 3) with random colours, sizes, positions and rotations.
-Objects are painted in order, each one flat-coloured, so later ones occlude earlier ones; the masks are
-the visible (occlusion-aware) pixels, stored as compressed COCO RLE, exact by construction: every
-masked pixel has its object's colour in the image, and masks of one image are disjoint. An object
-whose visible area falls under `min_visible_area` pixels (or `min_visible_fraction` of its full
-area) is removed from the image altogether, so no unannotated object is ever visible.
+Objects are painted in order, each one flat-coloured, so later ones occlude earlier ones; the masks
+are the visible (occlusion-aware) pixels, stored as compressed COCO RLE, exact by construction:
+every masked pixel has its object's colour in the image, and masks of one image are disjoint. An
+object whose visible area falls under `min_visible_area` pixels (or `min_visible_fraction` of its
+full area) is removed from the image altogether, so no unannotated object is ever visible.
 
 Everything is reproducible from `seed`: image i of a split depends only on (seed, split, i).
 """
@@ -31,7 +31,7 @@ def _pixel_centers(size):
 
 
 def _polygon_mask(vertices, xx, yy):
-  """Pixels whose centre lies inside a convex polygon (vertices [V, 2], counter-clockwise or not)."""
+  """Pixels whose centre lies inside a convex polygon (vertices [V, 2], either orientation)."""
   v = np.asarray(vertices, np.float64)
   sign = None
   inside = np.ones(xx.shape, bool)

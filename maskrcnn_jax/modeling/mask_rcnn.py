@@ -49,14 +49,15 @@ class MaskRCNN(nn.Module):
     pyramid = self.features(images, padded_sizes)
     rpn_out = self.rpn(pyramid, image_sizes, padded_sizes, train=False)
     props, props_valid = rpn_out["proposals"], rpn_out["proposal_valid"]
-    pooled = self.roi_align(pyramid[:4], props, self.roi_align.box_output_size)
+    pooled = self.roi_align(pyramid[:4], props, self.roi_align.box_output_size, padded_sizes)
     logits, deltas = self.box_head(pooled)
     dets = jax.vmap(lambda *a: self.postprocess(*a, self.box_head.bbox_reg_weights))(
         logits, deltas, props, props_valid, image_sizes)
     dets["proposals"] = props
     dets["proposal_valid"] = props_valid
     if self.mask_head is not None:
-      pooled = self.roi_align(pyramid[:4], dets["boxes"], self.roi_align.mask_output_size)
+      pooled = self.roi_align(pyramid[:4], dets["boxes"], self.roi_align.mask_output_size,
+                              padded_sizes)
       b, d = pooled.shape[:2]
       mask_logits = self.mask_head(pooled.reshape((b * d,) + pooled.shape[2:]))
       mask_logits = mask_logits.reshape((b, d) + mask_logits.shape[1:])  # [B, D, 2S, 2S, K]

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from maskrcnn_jax.modeling.layers import ConvTranspose2x2, conv
 from maskrcnn_jax.ops import boxes as box_ops
+from maskrcnn_jax.ops.anchors import feature_grid_size
 from maskrcnn_jax.ops.nms import batched_nms
 from maskrcnn_jax.ops.roi_align import multilevel_roi_align_batched
 
@@ -30,16 +31,33 @@ class RoIPooler(nn.Module):
   canonical_level: int = 4
   """Level mapping: the level of a canonical box."""
 
-  def __call__(self, features: List[jnp.ndarray], boxes: jnp.ndarray, output_size: int):
-    """features: [P2..P5] each [B, H_l, W_l, C]; boxes: [B, N, 4] (x1, y1, x2, y2) input pixels.
-    Returns [B, N, S, S, C]."""
+  def __call__(self, features: List[jnp.ndarray], boxes: jnp.ndarray, output_size: int,
+               padded_sizes=None):
+    """Pools RoI features.
+
+    Args:
+      features: [P2..P5] each [B, H_l, W_l, C].
+      boxes: [B, N, 4] (x1, y1, x2, y2) input pixels.
+      output_size: S.
+      padded_sizes: [B, 2] int32 sizes each image is padded to (see `layers.mask_to_extent`), or
+        None: the maps' borders are the canvas'.
+
+    Returns:
+      [B, N, S, S, C].
+    """
     if self.pooler_type not in POOLER_TYPES:
       raise ValueError(f"pooler_type must be one of {POOLER_TYPES}, got {self.pooler_type!r}")
-    scales = [2.0 ** -(i + 2) for i in range(len(features))]
+    levels = range(2, 2 + len(features))
+    scales = [2.0 ** -l for l in levels]
+    extents = None
+    if padded_sizes is not None:
+      extents = jnp.stack([feature_grid_size(padded_sizes.astype(jnp.int32), l) for l in levels],
+                          axis=1)  # [B, L, 2]
     return multilevel_roi_align_batched(
         features, jax.lax.stop_gradient(boxes), output_size, scales,
         sampling_ratio=self.sampling_ratio, aligned=self.aligned,
-        canonical_scale=self.canonical_scale, canonical_level=self.canonical_level)
+        canonical_scale=self.canonical_scale, canonical_level=self.canonical_level,
+        extents=extents)
 
 
 class BoxHead(nn.Module):

@@ -5,25 +5,39 @@ Reproduces `torchvision.ops.roi_align` (its CPU kernel, `roi_align_kernel.cpp`) 
 
 Design
 ------
-Every form runs through one core, `_pool_flat`. The feature maps are flattened into one
-`[P, C]` array (for FPN: the levels concatenated, P = sum_l H_l * W_l), and each box carries the
-`(offset, height, width, spatial_scale)` of the level it reads from. The single-level `roi_align`
-is the special case of one level; the multi-level form does no more work than the single-level one
-(each box is sampled from its own level only, not from every level and then selected).
+Every form runs through one core, `_pool_levels` -> `_pool_flat`. The feature maps are flattened
+into one `[P, C]` array (the levels, and the images of a batch, concatenated: P = B sum_l H_l W_l)
+and each box carries the offset, height, width and spatial scale of the map it reads from, so the
+single-level `roi_align` is the special case of one level and one image, and the multi-level form
+does the work of one `roi_align` over all boxes (each box samples its own level only, not every
+level followed by a selection).
 
 Bilinear sampling is separable: a sample at (y, x) reads rows (y0, y0 + 1) with weights
-(1 - ly, ly) and columns (x0, x0 + 1) with weights (1 - lx, lx), and the out-of-map test
-(`y < -1 or y > H or x < -1 or x > W` contributes 0) splits into a row test and a column test. So per
-box we compute, for each of the S_h * g sample rows, a first row and two row weights (zero when the
-row is out of range, already divided by the sample count), and the same for columns. The forward
-pass gathers the four neighbours of every sample from the flat array and takes the weighted sum in
-float32; the backward pass (a `jax.custom_vjp`) scatter-adds the output cotangent times the same
-weights into a float32 `[P, C]` buffer. Both walk over the boxes in fixed-size chunks with
-`lax.scan`, so the peak memory is `O(chunk * S_h * g * S_w * g * 4 * C)` instead of the whole
-`[N, S_h * g, S_w * g, 4, C]` gather (800 MB at 1000 boxes, 7x7, g = 2, C = 256).
+(1 - ly, ly) and columns (x0, x0 + 1) with weights (1 - lx, lx), and the kernel's out-of-map test
+(`y < -1 or y > H or x < -1 or x > W` contributes 0) splits into a row test and a column test. So
+the boxes are first reduced to a small per-axis plan (`_Plan`: S_h * g sample rows and S_w * g
+sample columns per box). The pixels (x0, y0) and (x0 + 1, y0) are adjacent in the flat array, so
+each sample needs two gathered pairs of C-vectors (top and bottom), with x0 <= W - 2 and
+y0 <= H - 2 arranged by moving a sample on the last row/column onto the pair ending there.
+
+The forward pass walks over the boxes in chunks (`lax.scan`): per chunk it expands the plan into
+flat pair positions and the products of row and column weights, gathers
+`[chunk, S_h, S_w, 2 g^2, 2, C]` and contracts it with the weights in float32. The backward pass
+(a `jax.custom_vjp`) walks the same chunks and scatter-adds cotangent x weights into a float32
+`[P, C]` buffer. Peak memory is therefore `O(chunk * S_h * S_w * 4 g^2 * C)` on top of the
+output and the gradient, instead of the whole `[N, S_h g, S_w g, 4, C]` gather (800 MB at 1000
+boxes, 7x7, g = 2, C = 256). On CPU (2 cores, 1000 boxes, 7x7, C = 256, a 200 x 304 map)
+`benchmarks/bench_roi_align.py` measures about 0.3x torchvision's forward time and 0.15-0.2x its
+forward + backward time.
+
+Numerics: the sample positions use the kernel's float32 operations in its order, with true
+divisions (XLA would otherwise multiply by a rounded reciprocal) and products rounded before the
+additions they feed (XLA's CPU backend would otherwise fuse them into FMAs; see `_rounded`), so
+positions match torchvision bit for bit and outputs differ only by float32 round-off in the sums
+(< 1e-6 on random maps of up to 160 pixels in tests run while writing this).
 
 Letters: N boxes, B batch, C channels, H/W map height/width, S crop size, g sampling ratio,
-L pyramid levels, P = sum_l H_l * W_l flat positions.
+L pyramid levels, P flat positions.
 """
 import functools
 import math
@@ -33,12 +47,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from maskrcnn_jax.types import Array
+
 OutputSize = Union[int, Tuple[int, int]]
 
-# Boxes per step of the forward gather and the backward scatter. One step's gathered neighbours
-# take chunk * S_h * S_w * 4 g^2 * C * 4 bytes (0.8 MB per box at 7x7, g = 2, C = 256); small
-# chunks that stay in cache measured fastest on CPU.
-_CHUNK = 2
+# Boxes per step of the forward gather and the backward scatter, by backend. One step's gathered
+# neighbours take chunk * S_h * S_w * 4 g^2 * C * 4 bytes (0.8 MB per box at 7x7, g = 2, C = 256).
+# On CPU, chunks that stay in cache measured fastest (1-2 boxes: 2x faster than 32); accelerators
+# want wide steps instead (a guess, not yet measured: 256).
+_CHUNK = {"cpu": 2}
+_CHUNK_ACCELERATOR = 256
+
+
+def _chunk_size(n: int) -> int:
+  """Boxes per scan step for N boxes on the default backend."""
+  return max(1, min(n, _CHUNK.get(jax.default_backend(), _CHUNK_ACCELERATOR)))
 
 
 def _pair(output_size: OutputSize) -> Tuple[int, int]:
@@ -61,7 +84,7 @@ def _check_sampling_ratio(sampling_ratio: int) -> None:
         f"not static; got {sampling_ratio!r}")
 
 
-def _check_boxes(boxes: jax.Array) -> None:
+def _check_boxes(boxes: Array) -> None:
   """Raises ValueError unless `boxes` is `[N, 4]`."""
   if boxes.ndim != 2 or boxes.shape[-1] != 4:
     raise ValueError(f"boxes must be [N, 4] (x1, y1, x2, y2), got shape {boxes.shape}")
@@ -79,18 +102,33 @@ class _Plan(NamedTuple):
   in two fusions that round differently (one with a fused multiply-add), putting the weight of
   pixel k on pixel k + 1 when the coordinate is within an ulp of an integer.
   """
-  offset: jax.Array  # [N] int32 flat position of pixel (0, 0) of the box's feature map.
-  stride: jax.Array  # [N] int32 width W of the box's feature map: its row stride.
-  rows: jax.Array  # [N, S_h * g] int32 in [0, max(H - 2, 0)].
-  row_pos: jax.Array  # [N, S_h * g] float32 in [0, H - 1].
-  row_in: jax.Array  # [N, S_h * g] float32, 0 or 1 / g^2.
-  cols: jax.Array  # [N, S_w * g] int32 in [0, max(W - 2, 0)].
-  col_pos: jax.Array  # [N, S_w * g] float32 in [0, W - 1].
-  col_in: jax.Array  # [N, S_w * g] float32, 0 or 1.
+  offset: Array  # [N] int32 flat position of pixel (0, 0) of the box's feature map.
+  stride: Array  # [N] int32 width W of the box's feature map: its row stride.
+  rows: Array  # [N, S_h * g] int32 in [0, max(H - 2, 0)].
+  row_pos: Array  # [N, S_h * g] float32 in [0, H - 1].
+  row_in: Array  # [N, S_h * g] float32, 0 or 1 / g^2.
+  cols: Array  # [N, S_w * g] int32 in [0, max(W - 2, 0)].
+  col_pos: Array  # [N, S_w * g] float32 in [0, W - 1].
+  col_in: Array  # [N, S_w * g] float32, 0 or 1.
 
 
-def _axis_samples(start: jax.Array, length: jax.Array, extent: jax.Array, bins: int,
-                  grid: int) -> Tuple[jax.Array, jax.Array, jax.Array]:
+def _rounded(x: Array) -> Array:
+  """Returns `x` bit for bit, opaque to the compiler, so that a product is rounded before an add.
+
+  As in the C++ kernel, a product passed through here is rounded to float32 before the addition
+  it feeds instead of being fused into a multiply-add: XLA's CPU backend contracts `a * b + c` into
+  an FMA on machines that have one, which moves sample positions by an ulp and so changed results
+  by up to ~6e-5 on 100-pixel maps.
+
+  The low mantissa bit is or-ed with `isnan(x)`, which is 0 unless `x` is NaN (and a NaN stays a
+  NaN), so the value never changes but neither XLA nor LLVM can see that.
+  """
+  bits = lax.bitcast_convert_type(x, jnp.uint32)
+  return lax.bitcast_convert_type(bits | jnp.isnan(x).astype(jnp.uint32), jnp.float32)
+
+
+def _axis_samples(start: Array, length: Array, extent: Array, bins: int,
+                  grid: int) -> Tuple[Array, Array, Array]:
   """Sample positions along one axis (rows or columns) of every box, as in torchvision's kernel.
 
   Sample `i` of bin `p` sits at `(start + p * bin) + ((i + 0.5) * bin) / grid` with
@@ -119,7 +157,7 @@ def _axis_samples(start: jax.Array, length: jax.Array, extent: jax.Array, bins: 
   bin_size = length / bins_
   p = jnp.arange(bins, dtype=jnp.float32)[None, :, None]
   i = jnp.arange(grid, dtype=jnp.float32)[None, None, :]
-  coord = (start[:, None, None] + p * bin_size[:, None, None]) + (
+  coord = (start[:, None, None] + _rounded(p * bin_size[:, None, None])) + (
       (i + 0.5) * bin_size[:, None, None]) / grid_
   coord = coord.reshape(n, bins * grid)
   size = extent.astype(jnp.float32)[:, None]
@@ -130,30 +168,30 @@ def _axis_samples(start: jax.Array, length: jax.Array, extent: jax.Array, bins: 
   return first, pos, inside
 
 
-def _sampling_plan(boxes: jax.Array, scale: jax.Array, height: jax.Array, width: jax.Array,
-                   offset: jax.Array, size: Tuple[int, int], sampling_ratio: int,
-                   aligned: bool) -> _Plan:
+def _sampling_plan(boxes: Array, scale: Array, height: Array, width: Array,
+                   offset: Array, size: Tuple[int, int], sampling_ratio: int,
+                   aligned: bool, stride: Array = None) -> _Plan:
   """Per-axis sample positions of every box (see `_Plan`).
 
   Args:
     boxes: [N, 4] float32 (x1, y1, x2, y2) input pixels.
     scale: [N] float32 spatial scale of each box's feature map.
     height: [N] int32 height of each box's feature map.
-    width: [N] int32 width of each box's feature map (also its row stride in the flat array).
+    width: [N] int32 width of each box's feature map (also its row stride in the flat array unless
+      `stride` is given).
     offset: [N] int32 flat position of pixel (0, 0) of each box's feature map.
     size: (S_h, S_w) output size (static).
     sampling_ratio: g >= 1 samples per bin along each axis (static).
     aligned: whether to shift the box by -0.5 pixel (torchvision's `aligned=True`).
+    stride: [N] int32 row stride in the flat array when the map's valid `width` is smaller than
+      its stored width (bucketed canvases), else None.
 
   Returns:
     The `_Plan` of the N boxes.
   """
   boxes = lax.stop_gradient(boxes.astype(jnp.float32))
   shift = 0.5 if aligned else 0.0
-  x1 = boxes[:, 0] * scale - shift
-  y1 = boxes[:, 1] * scale - shift
-  x2 = boxes[:, 2] * scale - shift
-  y2 = boxes[:, 3] * scale - shift
+  x1, y1, x2, y2 = jnp.moveaxis(_rounded(boxes * scale[:, None]) - shift, -1, 0)
   roi_w = x2 - x1
   roi_h = y2 - y1
   if not aligned:  # The legacy mode forces malformed boxes to be at least 1x1.
@@ -163,16 +201,16 @@ def _sampling_plan(boxes: jax.Array, scale: jax.Array, height: jax.Array, width:
   cols, col_pos, col_in = _axis_samples(x1, roi_w, width, size[1], sampling_ratio)
   # The kernel divides each bin's sum by the sample count g^2; fold that into the row weights.
   row_in = jnp.where(row_in, 1.0 / (sampling_ratio * sampling_ratio), 0.0).astype(jnp.float32)
-  return _Plan(offset, width, rows, row_pos, row_in, cols, col_pos, col_in.astype(jnp.float32))
+  return _Plan(offset, width if stride is None else stride, rows, row_pos, row_in, cols, col_pos, col_in.astype(jnp.float32))
 
 
-def _pair_weights(first: jax.Array, pos: jax.Array, factor: jax.Array) -> jax.Array:
+def _pair_weights(first: Array, pos: Array, factor: Array) -> Array:
   """[b, K] first pixel, position, factor -> [b, K, 2] bilinear weights of (first, first + 1)."""
   frac = jnp.clip(pos - first.astype(jnp.float32), 0.0, 1.0)
   return jnp.stack([1.0 - frac, frac], axis=-1) * factor[..., None]
 
 
-def _expand(plan: _Plan, size: Tuple[int, int], grid: int) -> Tuple[jax.Array, jax.Array]:
+def _expand(plan: _Plan, size: Tuple[int, int], grid: int) -> Tuple[Array, Array]:
   """A chunk of the plan -> flat gather positions and weights of every sample's neighbours.
 
   Args:
@@ -182,8 +220,9 @@ def _expand(plan: _Plan, size: Tuple[int, int], grid: int) -> Tuple[jax.Array, j
 
   Returns:
     starts: [b, S_h, S_w, g * g * 2] int32 flat position of the left pixel of each sample's top and
-      bottom neighbour pairs, ordered (sample row i, sample column j, top/bottom). The left and right
-      neighbours are adjacent in the flat array, so each start names the pair `(start, start + 1)`.
+      bottom neighbour pairs, ordered (sample row i, sample column j, top/bottom). The left and
+      right neighbours are adjacent in the flat array: each start names the pair
+      `(start, start + 1)`.
     weights: [b, S_h, S_w, g * g * 4] float32 weights in the same order followed by left/right.
   """
   s_h, s_w = size
@@ -193,14 +232,16 @@ def _expand(plan: _Plan, size: Tuple[int, int], grid: int) -> Tuple[jax.Array, j
   cols = plan.cols.reshape(b, 1, s_w, 1, grid, 1)
   step = jnp.arange(2, dtype=jnp.int32) * stride  # Top and bottom rows.
   starts = plan.offset.reshape(b, 1, 1, 1, 1, 1) + rows * stride + cols + step
-  weights_y = _pair_weights(plan.rows, plan.row_pos, plan.row_in).reshape(b, s_h, 1, grid, 1, 2, 1)
-  weights_x = _pair_weights(plan.cols, plan.col_pos, plan.col_in).reshape(b, 1, s_w, 1, grid, 1, 2)
+  weights_y = _pair_weights(plan.rows, plan.row_pos, plan.row_in)
+  weights_x = _pair_weights(plan.cols, plan.col_pos, plan.col_in)
+  weights_y = weights_y.reshape(b, s_h, 1, grid, 1, 2, 1)
+  weights_x = weights_x.reshape(b, 1, s_w, 1, grid, 1, 2)
   weights = weights_y * weights_x
   return (starts.reshape(b, s_h, s_w, grid * grid * 2),
           weights.reshape(b, s_h, s_w, grid * grid * 4))
 
 
-def _chunked(x: jax.Array, chunks: int, chunk: int) -> jax.Array:
+def _chunked(x: Array, chunks: int, chunk: int) -> Array:
   """Pads the leading axis of `x` with zeros to `chunks * chunk` and splits it into chunks."""
   pad = chunks * chunk - x.shape[0]
   if pad:
@@ -215,8 +256,8 @@ _PAIR_SCATTER = lax.ScatterDimensionNumbers(
     update_window_dims=(4, 5), inserted_window_dims=(), scatter_dims_to_operand_dims=(0,))
 
 
-def _pool_forward(flat: jax.Array, plan: _Plan, size: Tuple[int, int], grid: int,
-                  chunk: int) -> jax.Array:
+def _pool_forward(flat: Array, plan: _Plan, size: Tuple[int, int], grid: int,
+                  chunk: int) -> Array:
   """Forward of `_pool_flat`: -> [N, S_h, S_w, C] float32, scanning over chunks of boxes."""
   n = plan.rows.shape[0]
   s_h, s_w = size
@@ -239,8 +280,8 @@ def _pool_forward(flat: jax.Array, plan: _Plan, size: Tuple[int, int], grid: int
   return out.reshape((chunks * chunk, s_h, s_w, channels))[:n]
 
 
-def _pool_backward(positions: int, plan: _Plan, cotangent: jax.Array, size: Tuple[int, int],
-                   grid: int, chunk: int) -> jax.Array:
+def _pool_backward(positions: int, plan: _Plan, cotangent: Array, size: Tuple[int, int],
+                   grid: int, chunk: int) -> Array:
   """Backward of `_pool_flat`: scatter-adds cotangent * weights into a float32 [P, C] buffer."""
   n = plan.rows.shape[0]
   s_h, s_w = size
@@ -283,7 +324,7 @@ def _pool_flat_bwd(size, grid, chunk, residuals, cotangent):
 _pool_flat_vjp.defvjp(_pool_flat_fwd, _pool_flat_bwd)
 
 
-def _pool_flat(flat: jax.Array, plan: _Plan, size: Tuple[int, int], grid: int) -> jax.Array:
+def _pool_flat(flat: Array, plan: _Plan, size: Tuple[int, int], grid: int) -> Array:
   """Bilinear RoI pooling from a flat feature array; differentiable w.r.t. `flat` only.
 
   Args:
@@ -300,12 +341,95 @@ def _pool_flat(flat: jax.Array, plan: _Plan, size: Tuple[int, int], grid: int) -
   n = plan.rows.shape[0]
   if n == 0:
     return jnp.zeros((0,) + tuple(size) + (flat.shape[-1],), flat.dtype)
-  return _pool_flat_vjp(flat, plan, tuple(size), grid, min(_CHUNK, n))
+  return _pool_flat_vjp(flat, plan, tuple(size), grid, _chunk_size(n))
 
 
-def roi_align(features: jax.Array, boxes: jax.Array, output_size: OutputSize,
+def _pool_levels(features: Sequence[Array], boxes: Array, size: Tuple[int, int],
+                 scales: Sequence[float], sampling_ratio: int, aligned: bool,
+                 canonical_scale: float, canonical_level: int, eps: float,
+                 extents: Array = None) -> Array:
+  """The one implementation behind all four public forms (their arguments already checked).
+
+  The batch is handled like the levels: all `B * L` maps go into one flat array and every box
+  carries the offset of its own image's map at its own level, so a batch costs no more than the
+  same number of boxes of one image (a `vmap` would batch the gathers and scatters instead).
+
+  Args:
+    features: L maps `[B, H_l, W_l, C]`, finest first, one dtype.
+    boxes: [B, N, 4] float32 (x1, y1, x2, y2) input pixels.
+    size: (S_h, S_w).
+    scales, sampling_ratio, aligned, canonical_scale, canonical_level, eps: as in
+      `multilevel_roi_align`.
+    extents: [B, L, 2] int32 valid (height, width) of each image's map per level, or None (the
+      whole stored map is valid).
+
+  Returns:
+    [B, N, S_h, S_w, C] in the maps' dtype.
+  """
+  batch, n = boxes.shape[:2]
+  channels = features[0].shape[-1]
+  heights = [f.shape[1] for f in features]
+  widths = [f.shape[2] for f in features]
+  offsets = [0]
+  for h, w in zip(heights, widths):
+    offsets.append(offsets[-1] + batch * h * w)
+  flat = [f.reshape(-1, channels) for f in features]
+  if min(heights + widths) == 1:
+    # A sample on a map of height or width 1 also names the next row or column, with weight 0;
+    # zero rows keep that read inside the array.
+    flat.append(jnp.zeros((max(widths) + 1, channels), features[0].dtype))
+  flat = flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=0)
+
+  boxes = boxes.reshape(batch * n, 4)
+  if len(features) == 1:
+    level = jnp.zeros((batch * n,), jnp.int32)
+  else:
+    k_min, k_max = _level_of_scale(scales[0]), _level_of_scale(scales[-1])
+    level = map_roi_levels(boxes, k_min, k_max, canonical_scale, canonical_level, eps)
+  image = jnp.repeat(jnp.arange(batch, dtype=jnp.int32), n)
+
+  def per_box(values, dtype):
+    return jnp.asarray(values, dtype)[level]
+
+  height, width = per_box(heights, jnp.int32), per_box(widths, jnp.int32)
+  offset = per_box(offsets[:-1], jnp.int32) + image * height * width
+  stride = None
+  if extents is not None:  # bounds from the valid extent, addressing from the stored map
+    stride = width
+    ext = jnp.asarray(extents, jnp.int32)[image, level]
+    height = jnp.minimum(ext[:, 0], height)
+    width = jnp.minimum(ext[:, 1], width)
+  plan = _sampling_plan(boxes, per_box(scales, jnp.float32), height, width, offset, size,
+                        sampling_ratio, aligned, stride)
+  out = _pool_flat(flat, plan, size, sampling_ratio)
+  return out.reshape((batch, n) + out.shape[1:])
+
+
+def _check_levels(features: Sequence[Array], scales: Sequence[float], rank: int) -> None:
+  """Raises ValueError unless the maps have `rank` dims, one C and dtype, one scale per map, and
+  (for several maps) scales `2 ** -k` of consecutive levels k."""
+  if not features or len(features) != len(scales):
+    raise ValueError(
+        f"need one scale per feature map, got {len(features)} maps and {len(scales)} scales")
+  for f in features:
+    if f.ndim != rank:
+      raise ValueError(f"each feature map must have {rank} dims "
+                       f"({'[B, H, W, C]' if rank == 4 else '[H, W, C]'}), got shape {f.shape}")
+    if (f.shape[-1], f.dtype) != (features[0].shape[-1], features[0].dtype):
+      raise ValueError("all feature maps must share C and dtype, got "
+                       f"{[(f.shape, f.dtype) for f in features]}")
+    if rank == 4 and f.shape[0] != features[0].shape[0]:
+      raise ValueError(f"all feature maps must share B, got {[f.shape for f in features]}")
+  if len(features) > 1:
+    k_min, k_max = _level_of_scale(scales[0]), _level_of_scale(scales[-1])
+    if k_max - k_min + 1 != len(features):
+      raise ValueError(f"scales {list(scales)} do not name {len(features)} consecutive pyramid "
+                       f"levels (k_min = {k_min}, k_max = {k_max})")
+
+
+def roi_align(features: Array, boxes: Array, output_size: OutputSize,
               spatial_scale: float = 1.0, sampling_ratio: int = 2,
-              aligned: bool = False) -> jax.Array:
+              aligned: bool = False) -> Array:
   """RoIAlign on one image's feature map, equal to `torchvision.ops.roi_align`.
 
   Each box is split into S_h x S_w bins; each bin averages g x g bilinear samples placed at
@@ -316,14 +440,16 @@ def roi_align(features: jax.Array, boxes: jax.Array, output_size: OutputSize,
   - a sample with `y < -1`, `y > H`, `x < -1` or `x > W` contributes 0 (it still counts in the g * g
     average); other samples are clamped into the map, and a sample at or past the last row/column
     reads that row/column only.
-  Boxes partly or fully outside the map are therefore allowed.
+  Boxes partly or fully outside the map are therefore allowed. The float32 arithmetic follows the
+  kernel's operation by operation (no fused multiply-adds, true divisions), so results agree to
+  float32 round-off in the final sums.
 
   Only a static `sampling_ratio >= 1` is supported: torchvision's adaptive default
   (`sampling_ratio <= 0`, `ceil(box_size / output_size)` samples per bin) makes the number of
   samples depend on the box values, which static shapes cannot express.
 
-  Differentiable w.r.t. `features` (custom VJP: a float32 scatter-add of the same weights); the boxes
-  are treated as constants (their gradient is zero), as in torchvision.
+  Differentiable w.r.t. `features` (custom VJP: a float32 scatter-add of the same weights); the
+  boxes are treated as constants (their gradient is zero), as in torchvision.
 
   Args:
     features: [H, W, C] one image's feature map, NHWC without the batch axis; any float dtype.
@@ -345,8 +471,8 @@ def roi_align(features: jax.Array, boxes: jax.Array, output_size: OutputSize,
                               sampling_ratio=sampling_ratio, aligned=aligned)
 
 
-def map_roi_levels(boxes: jax.Array, k_min: int, k_max: int, canonical_scale: float = 224,
-                   canonical_level: int = 4, eps: float = 1e-6) -> jax.Array:
+def map_roi_levels(boxes: Array, k_min: int, k_max: int, canonical_scale: float = 224,
+                   canonical_level: int = 4, eps: float = 1e-6) -> Array:
   """FPN level of each box (eq. 1 of the FPN paper), equal to torchvision's `LevelMapper`.
 
   `k = floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps)` clipped to
@@ -381,11 +507,11 @@ def _level_of_scale(scale: float) -> int:
   return int(-math.log2(scale))
 
 
-def multilevel_roi_align(features: Sequence[jax.Array], boxes: jax.Array,
+def multilevel_roi_align(features: Sequence[Array], boxes: Array,
                          output_size: OutputSize, scales: Sequence[float],
                          sampling_ratio: int = 2, aligned: bool = False,
                          canonical_scale: float = 224, canonical_level: int = 4,
-                         eps: float = 1e-6) -> jax.Array:
+                         eps: float = 1e-6) -> Array:
   """FPN RoIAlign: each box pooled from one level, equal to `torchvision.ops.MultiScaleRoIAlign`.
 
   The level comes from `map_roi_levels` with `k_min = -log2(scales[0])` and
@@ -411,93 +537,78 @@ def multilevel_roi_align(features: Sequence[jax.Array], boxes: jax.Array,
     [N, S_h, S_w, C] pooled features in the maps' dtype (accumulated in float32).
 
   Raises:
-    ValueError: for `sampling_ratio < 1`, a bad `output_size`, mismatched maps and scales, or inputs
-      of the wrong rank.
+    ValueError: for `sampling_ratio < 1`, a bad `output_size`, maps and scales that do not match
+      (one scale per map, consecutive levels), or inputs of the wrong rank.
   """
   size = _pair(output_size)
   _check_sampling_ratio(sampling_ratio)
-  features = list(features)
-  scales = [float(s) for s in scales]
-  if not features or len(features) != len(scales):
-    raise ValueError(f"need one scale per feature map, got {len(features)} maps, {len(scales)} scales")
-  for f in features:
-    if f.ndim != 3:
-      raise ValueError(f"each feature map must be [H, W, C], got shape {f.shape}")
-    if f.shape[-1] != features[0].shape[-1] or f.dtype != features[0].dtype:
-      raise ValueError("all feature maps must share C and dtype, got "
-                       f"{[(f.shape, f.dtype) for f in features]}")
+  features, scales = list(features), [float(s) for s in scales]
+  _check_levels(features, scales, rank=3)
   _check_boxes(boxes)
-  boxes = boxes.astype(jnp.float32)
-  n = boxes.shape[0]
-  channels = features[0].shape[-1]
-
-  heights = [f.shape[0] for f in features]
-  widths = [f.shape[1] for f in features]
-  offsets = [0]
-  for h, w in zip(heights, widths):
-    offsets.append(offsets[-1] + h * w)
-  flat = [f.reshape(-1, channels) for f in features]
-  if min(heights + widths) == 1:
-    # A sample on a map of height or width 1 also names the next row or column, with weight 0;
-    # zero rows keep that read inside the array.
-    flat.append(jnp.zeros((max(widths) + 1, channels), features[0].dtype))
-  flat = flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=0)
-  if len(features) == 1:
-    level = jnp.zeros((n,), jnp.int32)
-  else:
-    level = map_roi_levels(boxes, _level_of_scale(scales[0]), _level_of_scale(scales[-1]),
-                           canonical_scale, canonical_level, eps)
-
-  def per_box(values, dtype):
-    return jnp.asarray(values, dtype)[level]
-
-  plan = _sampling_plan(
-      boxes, per_box(scales, jnp.float32), per_box(heights, jnp.int32), per_box(widths, jnp.int32),
-      per_box(offsets[:-1], jnp.int32), size, sampling_ratio, aligned)
-  return _pool_flat(flat, plan, size, sampling_ratio)
+  out = _pool_levels([f[None] for f in features], boxes.astype(jnp.float32)[None], size, scales,
+                     sampling_ratio, aligned, canonical_scale, canonical_level, eps)
+  return out[0]
 
 
-def roi_align_batched(features: jax.Array, boxes: jax.Array, output_size: OutputSize,
+def roi_align_batched(features: Array, boxes: Array, output_size: OutputSize,
                       spatial_scale: float = 1.0, sampling_ratio: int = 2,
-                      aligned: bool = False) -> jax.Array:
+                      aligned: bool = False) -> Array:
   """`roi_align` over a batch: image b's boxes read only image b's map.
+
+  Equal to `jax.vmap(roi_align)` over the leading axis, but implemented by flattening the batch
+  into the core's flat array (see `_pool_levels`), which is ~2x faster than the vmap on CPU.
 
   Args:
     features: [B, H, W, C] feature maps (NHWC), any float dtype.
-    boxes: [B, N, 4] float32 (x1, y1, x2, y2) input pixels; padding rows may hold anything (mask
-      their outputs with the caller's `valid`).
+    boxes: [B, N, 4] float32 (x1, y1, x2, y2) input pixels; padding rows may hold anything finite
+      (mask their outputs with the caller's `valid`).
     output_size, spatial_scale, sampling_ratio, aligned: as in `roi_align`.
 
   Returns:
     [B, N, S_h, S_w, C] pooled features in `features`' dtype.
+
+  Raises:
+    ValueError: as `roi_align`, or if the batch sizes differ.
   """
-  if features.ndim != 4 or boxes.ndim != 3:
-    raise ValueError(f"need features [B, H, W, C] and boxes [B, N, 4], got {features.shape}, "
-                     f"{boxes.shape}")
-  return jax.vmap(lambda f, b: roi_align(f, b, output_size, spatial_scale, sampling_ratio,
-                                         aligned))(features, boxes)
+  if features.ndim != 4:
+    raise ValueError(f"features must be [B, H, W, C], got shape {features.shape}")
+  return multilevel_roi_align_batched([features], boxes, output_size, [spatial_scale],
+                                      sampling_ratio=sampling_ratio, aligned=aligned)
 
 
-def multilevel_roi_align_batched(features: Sequence[jax.Array], boxes: jax.Array,
+def multilevel_roi_align_batched(features: Sequence[Array], boxes: Array,
                                  output_size: OutputSize, scales: Sequence[float],
                                  sampling_ratio: int = 2, aligned: bool = False,
                                  canonical_scale: float = 224, canonical_level: int = 4,
-                                 eps: float = 1e-6) -> jax.Array:
+                                 eps: float = 1e-6, extents: Array = None) -> Array:
   """`multilevel_roi_align` over a batch: image b's boxes read only image b's maps.
+
+  Equal to `jax.vmap(multilevel_roi_align)` over the leading axis (see `roi_align_batched`).
 
   Args:
     features: L maps `[B, H_l, W_l, C]`, finest first.
     boxes: [B, N, 4] float32 (x1, y1, x2, y2) input pixels.
     output_size, scales, sampling_ratio, aligned, canonical_scale, canonical_level, eps: as in
       `multilevel_roi_align`.
+    extents: optional [B, L, 2] int32 (h, w) <= (H_l, W_l): each image's maps are treated as if
+      only their top-left `h x w` existed (the kernel's border rules apply there), which is what
+      an image padded less than the batch canvas saw in torchvision. None: the whole maps.
 
   Returns:
     [B, N, S_h, S_w, C] pooled features in the maps' dtype.
+
+  Raises:
+    ValueError: as `multilevel_roi_align`, or if the batch sizes differ.
   """
-  features = list(features)
-  if any(f.ndim != 4 for f in features) or boxes.ndim != 3:
-    raise ValueError("need feature maps [B, H_l, W_l, C] and boxes [B, N, 4], got "
-                     f"{[f.shape for f in features]}, {boxes.shape}")
-  return jax.vmap(lambda f, b: multilevel_roi_align(
-      f, b, output_size, scales, sampling_ratio, aligned, canonical_scale, canonical_level,
-      eps))(features, boxes)
+  size = _pair(output_size)
+  _check_sampling_ratio(sampling_ratio)
+  features, scales = list(features), [float(s) for s in scales]
+  _check_levels(features, scales, rank=4)
+  if boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != features[0].shape[0]:
+    raise ValueError(f"boxes must be [B, N, 4] with the maps' B = {features[0].shape[0]}, got "
+                     f"shape {boxes.shape}")
+  if extents is not None and jnp.shape(extents) != (boxes.shape[0], len(features), 2):
+    raise ValueError(f"extents must be [B, L, 2] = [{boxes.shape[0]}, {len(features)}, 2], got "
+                     f"shape {jnp.shape(extents)}")
+  return _pool_levels(features, boxes.astype(jnp.float32), size, scales, sampling_ratio, aligned,
+                      canonical_scale, canonical_level, eps, extents)

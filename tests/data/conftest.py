@@ -1,4 +1,4 @@
-"""Tiny COCO-format folders and prepared datasets shared by the data tests (built once per session)."""
+"""Tiny COCO-format folders and prepared datasets shared by the data tests (built once)."""
 import io
 import json
 import os

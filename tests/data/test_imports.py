@@ -1,4 +1,4 @@
-"""maskrcnn_jax.data imports numpy, tensorflow, tfds, pycocotools, PIL and the standard library only."""
+"""maskrcnn_jax.data imports numpy, tensorflow, tfds, pycocotools, PIL and stdlib only."""
 import ast
 import pathlib
 import sys

@@ -1,4 +1,4 @@
-"""The tf.data pipeline: batch keys and shapes, sharding, determinism, empty images, eval padding."""
+"""The tf.data pipeline: keys and shapes, sharding, determinism, empty images, eval padding."""
 import numpy as np
 import pytest
 from pycocotools.coco import COCO

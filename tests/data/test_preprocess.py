@@ -1,22 +1,10 @@
 """numpy inference preprocessing against torchvision's GeneralizedRCNNTransform (eval mode)."""
-import sys
-
 import numpy as np
 import pytest
 
 from maskrcnn_jax.data import preprocess
-from tests.conftest import torch_or_skip as _torch_or_skip
+from tests.conftest import torch_or_skip
 
-
-def torch_or_skip():
-  """torch_or_skip(), safe after TensorFlow was imported (tests/conftest.py imports it).
-
-  Importing torchvision loads triton, whose libtriton segfaults when TF's shared libraries are
-  already loaded. CPU tests never need triton, so it is blocked before torchvision is imported.
-  """
-  if "tensorflow" in sys.modules and "triton" not in sys.modules:
-    sys.modules["triton"] = None
-  return _torch_or_skip()
 
 SIZES = [(427, 640), (333, 500), (480, 640), (640, 427), (1000, 1500), (103, 103), (600, 2000),
          (37, 51)]
@@ -88,8 +76,9 @@ def test_matches_generalized_rcnn_transform(hw):
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("in_hw,out_hw", [((427, 640), (800, 1199)), ((333, 500), (50, 71)),
-                                          ((7, 9), (7, 23)), ((1, 5), (3, 2)), ((64, 64), (31, 97))])
+@pytest.mark.parametrize("in_hw,out_hw", [
+    ((427, 640), (800, 1199)), ((333, 500), (50, 71)), ((7, 9), (7, 23)), ((1, 5), (3, 2)),
+    ((64, 64), (31, 97))])
 def test_resize_bilinear_matches_interpolate(in_hw, out_hw):
   torch, _ = torch_or_skip()
   img = np.random.default_rng(1).random(in_hw + (3,), dtype=np.float32) * 10

@@ -1,24 +1,15 @@
 """Transforms: eager == tf.data, geometric consistency, padding, crops against references."""
-import sys
-
 import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
 from maskrcnn_jax.data import preprocess
-from tests.conftest import torch_or_skip as _torch_or_skip
+from tests.conftest import torch_or_skip
 
 tf = pytest.importorskip("tensorflow")
 
 from maskrcnn_jax.data import transforms as T  # noqa: E402
 
-
-def torch_or_skip():
-  """torch_or_skip(), safe after TensorFlow was imported (libtriton segfaults next to TF's
-  libraries; CPU tests never need triton)."""
-  if "tensorflow" in sys.modules and "triton" not in sys.modules:
-    sys.modules["triton"] = None
-  return _torch_or_skip()
 
 
 def _raw_examples(builder, split="train"):
@@ -314,3 +305,24 @@ def test_pad_image_rejects_larger_images():
   assert out["image"].shape == (16, 16, 3)
   with pytest.raises(tf.errors.InvalidArgumentError):
     T.pad_image((8, 16))(f)
+
+
+def test_rle_decoders_agree(rng):
+  from maskrcnn_jax.data import coco_io
+  h, w = 19, 27
+  masks = [(rng.random((h, w)) > 0.7), np.ones((h, w)), np.zeros((h, w)), np.eye(h, w)]
+  masks[0][0, 0] = True                                          # runs start with a 0-length run
+  masks = np.stack(masks).astype(np.uint8)
+  runs = [coco_io.encode_rle(m) for m in masks]
+  counts = np.concatenate(runs)
+  lengths = np.array([r.size for r in runs], np.int32)
+  np.testing.assert_array_equal(T.decode_rle(counts, lengths, h, w).numpy(), masks)
+  boxes = np.array([[0, 0, 27, 19], [3.5, 2.25, 20.0, 11.0], [1, 1, 2, 2], [20, 0, 27, 19]],
+                   np.float32)
+  for size in (1, 5, 28):
+    direct = T.crop_and_resize_rle(counts, lengths, boxes, h, w, size).numpy()
+    np.testing.assert_array_equal(direct, T.crop_and_resize(masks, boxes, size).numpy())
+  empty = T.crop_and_resize_rle(np.zeros([0], np.int32), np.zeros([0], np.int32),
+                                np.zeros([0, 4], np.float32), h, w, 4)
+  assert empty.shape == (0, 4, 4)
+  assert T.decode_rle(np.zeros([0], np.int32), np.zeros([0], np.int32), h, w).shape == (0, h, w)

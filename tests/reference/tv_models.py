@@ -46,19 +46,26 @@ def build_torchvision(depth: int = 50, seed: int = 0, calibration_image=None):
         mod.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
         mod.weight.copy_(torch.rand(c, generator=g) * 0.5 + (0.25 if last else 0.75))
         mod.bias.copy_(torch.randn(c, generator=g) * 0.1)
-    m.rpn.head.cls_logits.weight.mul_(40)
-    m.roi_heads.box_head.fc6.weight.mul_(3)
-    m.roi_heads.box_head.fc7.weight.mul_(3)
-    m.roi_heads.box_predictor.bbox_pred.weight.mul_(3)
+    # Scale the heads to detector-like output ranges measured on a calibration photo: objectness
+    # logits with std 2 (no sigmoid saturation, so no score ties), box deltas with std 0.5, class
+    # logits with std 2.5 after removing the direction shared by all proposals.
     image = calibration_image if calibration_image is not None else photos()["astronaut"]
     il, _ = m.transform([to_tensor(image)])
     feats = m.backbone(il.tensors)
+    obj, _ = m.rpn.head(list(feats.values()))
+    obj_std = torch.cat([o.flatten() for o in obj]).std()
+    m.rpn.head.cls_logits.weight.div_(obj_std / 2.0)
+    m.rpn.head.cls_logits.bias.zero_()
     props, _ = m.rpn(il, feats)
+    m.roi_heads.box_head.fc6.weight.mul_(3)
+    m.roi_heads.box_head.fc7.weight.mul_(3)
     box_feats = m.roi_heads.box_head(m.roi_heads.box_roi_pool(feats, props, il.image_sizes))
+    reg = m.roi_heads.box_predictor.bbox_pred
+    reg.weight.div_(reg(box_feats).std() / 0.5)
     mu = box_feats.mean(0)
     w = m.roi_heads.box_predictor.cls_score.weight
     w -= (w @ mu)[:, None] * mu[None] / (mu @ mu)
-    w.mul_(10)
+    w.div_(m.roi_heads.box_predictor.cls_score(box_feats).std() / 2.5)
   return m
 
 
