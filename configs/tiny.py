@@ -13,7 +13,7 @@ def get_config():
   m.rpn.pre_nms_topk_test = 300
   m.rpn.post_nms_topk_test = 100
   m.box_head.representation_size = 64
-  m.mask_head = dict(layers=(32, 32), dilation=1)
+  m.mask_head = dict(layers=(32, 32), dilation=1, num_rois=128)
   m.postprocess.candidates_per_image = 1000
   c.input.min_size = 96
   c.input.max_size = 128

@@ -80,11 +80,13 @@ def torchvision_model_config(depth: int = 50, num_classes: int = 91):
       post_nms_topk_train=2000, post_nms_topk_test=1000,
       nms_threshold=0.7, min_size=1e-3, score_threshold=0.0,
       fg_iou_threshold=0.7, bg_iou_threshold=0.3, batch_size_per_image=256,
-      positive_fraction=0.5, channels=256)
+      positive_fraction=0.5, crowd_ioa_threshold=0.5, channels=256)
   m.roi_align = dict(pooler_type="align", box_output_size=7, mask_output_size=14,
                      sampling_ratio=2, aligned=False, canonical_scale=224, canonical_level=4)
-  m.box_head = dict(representation_size=1024, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0))
-  m.mask_head = dict(layers=(256, 256, 256, 256), dilation=1)
+  m.box_head = dict(representation_size=1024, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
+                    fg_iou_threshold=0.5, bg_iou_threshold=0.5, batch_size_per_image=512,
+                    positive_fraction=0.25, crowd_ioa_threshold=0.5)
+  m.mask_head = dict(layers=(256, 256, 256, 256), dilation=1, num_rois=128)
   m.postprocess = dict(score_threshold=0.05, nms_threshold=0.5, detections_per_image=100,
                        min_size=1e-2, candidates_per_image=4000)
   return m

@@ -67,6 +67,16 @@ class BoxHead(nn.Module):
   """Width of fc6 and fc7."""
   bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0)
   """Box coder weights (wx, wy, ww, wh) of the predicted deltas, for targets and decoding."""
+  fg_iou_threshold: float = 0.5
+  """Training: RoIs with IoU >= this are foreground."""
+  bg_iou_threshold: float = 0.5
+  """Training: RoIs with IoU < this are background."""
+  batch_size_per_image: int = 512
+  """Training: RoIs sampled per image."""
+  positive_fraction: float = 0.25
+  """Training: maximum foreground fraction of the sampled RoIs."""
+  crowd_ioa_threshold: float = 0.5
+  """Training: background RoIs covered more than this by a crowd region are not sampled."""
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -89,6 +99,9 @@ class MaskHead(nn.Module):
   """Channels of the 3x3 convs."""
   dilation: int = 1
   """Dilation of the 3x3 convs."""
+  num_rois: int = 128
+  """Training: foreground RoIs per image that get mask targets (torchvision: all of them, which is
+  at most 512 * 0.25 = 128)."""
   dtype: Any = jnp.float32
 
   @nn.compact

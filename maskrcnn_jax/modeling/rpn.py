@@ -62,6 +62,8 @@ class RPN(nn.Module):
   """Training: anchors sampled per image for the loss."""
   positive_fraction: float = 0.5
   """Training: maximum fraction of positives among sampled anchors."""
+  crowd_ioa_threshold: float = 0.5
+  """Training: negative anchors covered more than this by a crowd region are not sampled."""
   channels: int = 256
   """Input (FPN) channels."""
   dtype: Any = jnp.float32

@@ -1,0 +1,84 @@
+"""Mask R-CNN losses with torchvision's names and definitions, for one image with validity masks.
+
+Each function normalizes within its image, as torchvision does for a batch of one; the model averages
+images (so a data-parallel mean over devices equals the mean over the global batch).
+"""
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+
+from maskrcnn_jax.types import Array
+
+
+def smooth_l1(x: Array, beta: float) -> Array:
+  """Elementwise `F.smooth_l1_loss(reduction='none')` of the difference x."""
+  ax = jnp.abs(x)
+  return jnp.where(ax < beta, 0.5 * ax * ax / beta, ax - 0.5 * beta)
+
+
+def _bce_with_logits(logits: Array, targets: Array) -> Array:
+  """Elementwise `F.binary_cross_entropy_with_logits` (numerically stable form)."""
+  return jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+
+
+def rpn_loss(objectness: Array, deltas: Array, targets: Array, sampled_pos: Array,
+             sampled_neg: Array, beta: float = 1.0 / 9) -> Tuple[Array, Array]:
+  """torchvision's `RegionProposalNetwork.compute_loss` for one image.
+
+  Args:
+    objectness: [A] logits; deltas: [A, 4] predicted (dx, dy, dw, dh); targets: [A, 4] encoded
+      matched ground truth (read on positives only).
+    sampled_pos, sampled_neg: [A] bool sampled anchors.
+
+  Returns:
+    (loss_objectness: BCE mean over sampled anchors,
+     loss_rpn_box_reg: smooth-L1 summed over sampled positives / number sampled).
+  """
+  objectness = objectness.astype(jnp.float32)
+  sampled = sampled_pos | sampled_neg
+  n = jnp.maximum(jnp.sum(sampled), 1).astype(jnp.float32)
+  bce = _bce_with_logits(objectness, sampled_pos.astype(jnp.float32))
+  loss_obj = jnp.sum(jnp.where(sampled, bce, 0.0)) / n
+  box = jnp.sum(smooth_l1(deltas.astype(jnp.float32) - targets, beta), axis=-1)
+  loss_box = jnp.sum(jnp.where(sampled_pos, box, 0.0)) / n
+  return loss_obj, loss_box
+
+
+def fastrcnn_loss(logits: Array, deltas: Array, labels: Array, targets: Array, valid: Array,
+                  beta: float = 1.0 / 9) -> Tuple[Array, Array]:
+  """torchvision's `fastrcnn_loss` for one image's sampled RoIs.
+
+  Args:
+    logits: [R, K] class logits; deltas: [R, K, 4] per-class deltas.
+    labels: [R] int32 class per RoI (0 background).
+    targets: [R, 4] encoded matched ground truth (read where labels > 0).
+    valid: [R] bool sampled slots.
+
+  Returns:
+    (loss_classifier: cross-entropy mean over RoIs,
+     loss_box_reg: smooth-L1 of the labelled class' deltas summed over positives / number of RoIs).
+  """
+  logits = logits.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  ce = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+  loss_cls = jnp.sum(jnp.where(valid, ce, 0.0)) / n
+  picked = jnp.take_along_axis(deltas.astype(jnp.float32), labels[:, None, None], axis=1)[:, 0]
+  box = jnp.sum(smooth_l1(picked - targets, beta), axis=-1)
+  loss_box = jnp.sum(jnp.where(valid & (labels > 0), box, 0.0)) / n
+  return loss_cls, loss_box
+
+
+def maskrcnn_loss(mask_logits: Array, labels: Array, targets: Array, valid: Array) -> Array:
+  """torchvision's `maskrcnn_loss` for one image's positive RoIs: per-pixel sigmoid BCE on the
+  ground-truth class' channel, mean over all pixels of the valid RoIs (0 when there are none).
+
+  Args:
+    mask_logits: [P, S, S, K] logits; labels: [P] int32 ground-truth classes;
+    targets: [P, S, S] float in [0, 1]; valid: [P] bool.
+  """
+  picked = jnp.take_along_axis(mask_logits.astype(jnp.float32),
+                               labels[:, None, None, None], axis=-1)[..., 0]
+  bce = jnp.mean(_bce_with_logits(picked, targets.astype(jnp.float32)), axis=(1, 2))
+  return jnp.sum(jnp.where(valid, bce, 0.0)) / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
