@@ -1,0 +1,146 @@
+"""COCO box and mask AP through pycocotools: results JSON, RLE masks, COCOeval summaries."""
+import contextlib
+import io
+import json
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+# The 12 numbers COCOeval.summarize() prints, in its order.
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
+              "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def encode_mask(mask: np.ndarray) -> Dict[str, Any]:
+  """[H, W] bool/uint8 -> COCO compressed RLE with a str 'counts' (JSON-ready)."""
+  rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+  rle["counts"] = rle["counts"].decode("ascii")
+  return rle
+
+
+def to_coco_results(image_id: int, result: Mapping[str, np.ndarray],
+                    label_to_category: Optional[Mapping[int, int]] = None,
+                    mask_threshold: float = 0.5) -> List[Dict[str, Any]]:
+  """One image's predictions -> COCO result records.
+
+  Args:
+    image_id: the COCO image id.
+    result: `predict` output for the image: boxes [N, 4] (x1, y1, x2, y2) original pixels, scores
+      [N], labels [N] (model class indices), optionally masks [N, H, W] probabilities or bools.
+    label_to_category: model class index -> COCO category id; None keeps labels as ids
+      (torchvision's 91-way COCO models).
+    mask_threshold: probabilities above it are foreground.
+
+  Returns:
+    [{'image_id', 'category_id', 'bbox' [x, y, w, h], 'score', ('segmentation' RLE)}].
+  """
+  boxes = np.asarray(result["boxes"], np.float64)
+  out = []
+  for i in range(len(result["scores"])):
+    label = int(result["labels"][i])
+    if label_to_category is not None:
+      if label not in label_to_category:
+        raise ValueError(f"label {label} has no COCO category (known: {sorted(label_to_category)})")
+      cat = int(label_to_category[label])
+    else:
+      cat = label
+    x1, y1, x2, y2 = boxes[i]
+    rec = dict(image_id=int(image_id), category_id=cat,
+               bbox=[round(float(x1), 3), round(float(y1), 3), round(float(x2 - x1), 3),
+                     round(float(y2 - y1), 3)],
+               score=round(float(result["scores"][i]), 5))
+    if "masks" in result:
+      m = np.asarray(result["masks"][i])
+      rec["segmentation"] = encode_mask(m > mask_threshold if m.dtype != bool else m)
+    out.append(rec)
+  return out
+
+
+def evaluate(gt: Any, results: Sequence[Mapping[str, Any]], iou_types: Iterable[str] = ("bbox", "segm"),
+             image_ids: Optional[Sequence[int]] = None, verbose: bool = True) -> Dict[str, Any]:
+  """Runs COCOeval for each IoU type.
+
+  Args:
+    gt: a `COCO` object or the path of an instances JSON.
+    results: COCO result records (`to_coco_results`); may be empty.
+    iou_types: 'bbox' and/or 'segm'.
+    image_ids: evaluate on these images only (default: all of gt's).
+    verbose: print pycocotools' standard summaries and a per-category AP table.
+
+  Returns:
+    {iou_type: {'AP', 'AP50', ... (12 numbers), 'per_category': {name: AP}}}; AP values in [0, 1]
+    (COCOeval's -1 for "no such objects" is kept as -1).
+  """
+  coco_gt = gt if isinstance(gt, COCO) else _load_coco(gt)
+  if image_ids is None:
+    image_ids = sorted(coco_gt.getImgIds())
+  known = set(coco_gt.getImgIds())
+  unknown = {r["image_id"] for r in results} - known
+  if unknown:
+    raise ValueError(f"{len(unknown)} result image ids are not in the ground truth, e.g. "
+                     f"{sorted(unknown)[:5]}")
+  summary: Dict[str, Any] = {}
+  for iou_type in iou_types:
+    if iou_type not in ("bbox", "segm"):
+      raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    recs = [r for r in results if iou_type == "bbox" or "segmentation" in r]
+    if iou_type == "segm" and results and not recs:
+      raise ValueError("segm evaluation needs results with 'segmentation' (masks)")
+    coco_dt = _load_results(coco_gt, recs)
+    ev = COCOeval(coco_gt, coco_dt, iou_type)
+    ev.params.imgIds = list(image_ids)
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+      ev.evaluate()
+      ev.accumulate()
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+      ev.summarize()
+    stats = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+    stats["per_category"] = _per_category_ap(ev, coco_gt)
+    summary[iou_type] = stats
+    if verbose:
+      print(f"COCO {iou_type} ({len(image_ids)} images, {len(recs)} detections)")
+      print(text.getvalue().rstrip())
+      print("  per-category AP: " + ", ".join(
+          f"{k} {v:.3f}" for k, v in stats["per_category"].items()))
+  return summary
+
+
+def _load_coco(path) -> COCO:
+  with contextlib.redirect_stdout(io.StringIO()):
+    return COCO(str(path))
+
+
+def _load_results(coco_gt: COCO, recs: Sequence[Mapping[str, Any]]) -> COCO:
+  """`coco_gt.loadRes` that also accepts an empty result list (pycocotools rejects it)."""
+  if recs:
+    with contextlib.redirect_stdout(io.StringIO()):
+      return coco_gt.loadRes([dict(r) for r in recs])
+  dt = COCO()
+  dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
+                "annotations": []}
+  with contextlib.redirect_stdout(io.StringIO()):
+    dt.createIndex()
+  return dt
+
+
+def _per_category_ap(ev: COCOeval, coco_gt: COCO) -> Dict[str, float]:
+  """AP@[.5:.95] per category from COCOeval's precision array (area all, 100 dets)."""
+  precision = ev.eval["precision"]  # [T, R, K, A, M]
+  out = {}
+  for k, cat_id in enumerate(ev.params.catIds):
+    p = precision[:, :, k, 0, -1]
+    p = p[p > -1]
+    name = coco_gt.cats[cat_id]["name"]
+    out[name] = float(np.mean(p)) if p.size else -1.0
+  return out
+
+
+def save_results(path, records: Sequence[Mapping[str, Any]]) -> None:
+  """Writes COCO result records as JSON."""
+  with open(path, "w") as f:
+    json.dump(list(records), f)

@@ -1,0 +1,94 @@
+"""Pictures of predictions (masks, boxes, class names, scores) and training curves, as PNG files."""
+import colorsys
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+def _colour(i: int):
+  h = (i * 0.618033988749895) % 1.0
+  r, g, b = colorsys.hsv_to_rgb(h, 0.85, 1.0)
+  return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw_predictions(image: np.ndarray, result: Mapping[str, np.ndarray],
+                     class_names: Optional[Sequence[str]] = None, score_threshold: float = 0.5,
+                     mask_threshold: float = 0.5, min_side: int = 512,
+                     alpha: float = 0.45) -> Image.Image:
+  """Draws each detection's mask, box, class name and score over the image.
+
+  Args:
+    image: [H, W, 3] uint8 RGB.
+    result: `predict` output for the image (boxes [N, 4] (x1, y1, x2, y2) original pixels, scores
+      [N], labels [N], optional masks [N, H, W]).
+    class_names: name per label index (index 0 = background); None prints the label number.
+    score_threshold: detections below it are not drawn.
+    mask_threshold: mask probabilities above it are painted.
+    min_side: small images are enlarged (nearest) to this short side so that labels stay readable.
+    alpha: mask opacity.
+
+  Returns:
+    A PIL RGB image (enlarged by an integer factor when the input is small).
+  """
+  h, w = image.shape[:2]
+  factor = max(1, int(np.ceil(min_side / min(h, w))))
+  canvas = np.repeat(np.repeat(image.astype(np.float32), factor, 0), factor, 1)
+  keep = np.nonzero(np.asarray(result["scores"]) >= score_threshold)[0]
+  if "masks" in result:
+    for rank, i in enumerate(keep):
+      m = np.asarray(result["masks"][i]) > mask_threshold
+      m = np.repeat(np.repeat(m, factor, 0), factor, 1)
+      canvas[m] = (1 - alpha) * canvas[m] + alpha * np.array(_colour(rank), np.float32)
+  pil = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+  draw = ImageDraw.Draw(pil)
+  font = _font(max(12, min(pil.size) // 32))
+  for rank, i in enumerate(keep):
+    x1, y1, x2, y2 = (np.asarray(result["boxes"][i], np.float64) * factor).tolist()
+    col = _colour(rank)
+    draw.rectangle([x1, y1, x2, y2], outline=col, width=max(2, factor))
+    label = int(result["labels"][i])
+    name = class_names[label] if class_names is not None and label < len(class_names) else str(label)
+    text = f"{name} {float(result['scores'][i]):.2f}"
+    tx, ty = x1 + 2, max(0.0, y1 - font.size - 4)
+    bbox = draw.textbbox((tx, ty), text, font=font)
+    draw.rectangle([bbox[0] - 2, bbox[1] - 2, bbox[2] + 2, bbox[3] + 2], fill=(0, 0, 0))
+    draw.text((tx, ty), text, fill=col, font=font)
+  return pil
+
+
+def _font(size: int):
+  try:
+    return ImageFont.load_default(size=size)
+  except TypeError:  # Pillow < 10.1 has one fixed-size default font
+    return ImageFont.load_default()
+
+
+def plot_curves(steps_and_values: Mapping[str, Sequence], path, title: str = "training") -> None:
+  """Plots named curves `{name: [(step, value), ...]}` to a PNG (losses log-scaled, AP linear).
+
+  Names starting with 'loss' go to the left panel, everything else (AP) to the right one.
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for name, pts in sorted(steps_and_values.items()):
+    if not pts:
+      continue
+    s, v = zip(*pts)
+    (ax_l if name.startswith("loss") or name.startswith("train/") else ax_r).plot(
+        s, v, label=name, marker="" if len(s) > 20 else "o")
+  ax_l.set_yscale("log")
+  ax_l.set_xlabel("step")
+  ax_l.set_title(f"{title}: losses")
+  ax_r.set_xlabel("step")
+  ax_r.set_title(f"{title}: COCO AP")
+  ax_r.set_ylim(0, 1)
+  for ax in (ax_l, ax_r):
+    ax.grid(alpha=0.3)
+    if ax.lines:
+      ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
