@@ -1,0 +1,153 @@
+"""Evaluation of a model on a prepared dataset split: jitted bucketed inference, COCO results JSON,
+COCOeval box and mask AP, pictures. Used by eval.py and by periodic evaluation during training."""
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from maskrcnn_jax.evaluation import coco_eval
+from maskrcnn_jax.evaluation.inference import predict
+from maskrcnn_jax.evaluation.visualize import draw_predictions
+
+
+def load_label_map(builder):
+  """(label_to_category {model class -> COCO category id}, class_names [background, ...])."""
+  from maskrcnn_jax.data.builder import load_categories
+  cats = load_categories(builder)
+  label_to_category = {int(c["contiguous_id"]): int(c["category_id"]) for c in cats}
+  names = ["background"] + [c["name"] for c in sorted(cats, key=lambda c: c["contiguous_id"])]
+  return label_to_category, names
+
+
+def _examples(builder, split, max_images):
+  """Yields (image uint8 [H, W, 3] or None, example) per image, decoding images one at a time so
+  that a file that fails to decode is reported and skipped, not fatal."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={"image": tfds.decode.SkipDecoding()})
+  for i, ex in enumerate(tfds.as_numpy(ds)):
+    if max_images is not None and i >= max_images:
+      return
+    try:
+      image = tf.io.decode_image(ex["image"], channels=3, expand_animations=False).numpy()
+    except (tf.errors.InvalidArgumentError, ValueError) as err:
+      yield None, ex, f"{ex['image/filename'].decode()}: {str(err).splitlines()[0]}"
+      continue
+    yield image, ex, None
+
+
+def _gt_records(ex) -> Dict[str, List[Dict[str, Any]]]:
+  """COCO ground truth of one prepared example (boxes, masks as uncompressed RLE, crowd flags)."""
+  h, w = (int(v) for v in ex["image/size"])
+  img_id = int(ex["image/id"])
+  obj = ex["objects"]
+  counts = np.asarray(ex["mask_rle"])
+  lengths = np.asarray(obj["mask_rle_length"])
+  starts = np.concatenate([[0], np.cumsum(lengths)])
+  anns = []
+  for k in range(len(obj["id"])):
+    x1, y1, x2, y2 = (float(v) for v in obj["bbox_xyxy"][k])
+    anns.append(dict(id=int(obj["id"][k]), image_id=img_id, category_id=int(obj["category_id"][k]),
+                     bbox=[x1, y1, x2 - x1, y2 - y1], area=float(obj["area"][k]),
+                     iscrowd=int(bool(obj["is_crowd"][k])),
+                     segmentation={"size": [h, w],
+                                   "counts": counts[starts[k]:starts[k + 1]].tolist()}))
+  image = dict(id=img_id, height=h, width=w, file_name=ex["image/filename"].decode())
+  return dict(image=image, annotations=anns)
+
+
+def evaluate_split(model, variables, builder, split: str, *, min_size: int, max_size: int,
+                   bucket: int = 128, batch_size: int = 1, max_images: Optional[int] = None,
+                   out_dir: Optional[str] = None, num_pictures: int = 0,
+                   label_to_category=None, class_names=None, verbose: bool = True,
+                   gt_json: Optional[str] = None) -> Dict[str, Any]:
+  """Predicts every image of a split and scores the predictions with COCOeval.
+
+  Args:
+    model, variables: the detector.
+    builder: a prepared tfds builder (`data.prepare_coco_format`).
+    split: e.g. 'validation'.
+    min_size, max_size, bucket, batch_size: inference resize and bucketing (see `predict`).
+    max_images: evaluate only the first N images.
+    out_dir: where to write `results.json` (COCO results), `metrics.json` and pictures.
+    num_pictures: how many images to draw (PNG) into `out_dir/pictures`.
+    label_to_category, class_names: model class -> COCO category id, and names; default: the
+      dataset's own table (`load_label_map`). For torchvision's 91-way COCO models pass an identity
+      map.
+    gt_json: score against this annotation file instead of the ground truth rebuilt from the split.
+
+  Returns:
+    {'bbox': {...12 stats, per_category}, 'segm': {...}, 'num_images', 'skipped': [...]}.
+
+  Raises:
+    ValueError: an empty split (nothing to evaluate).
+  """
+  try:
+    num = builder.info.splits[split].num_examples
+  except (KeyError, ValueError) as err:
+    raise ValueError(f"split {split!r} is not in the dataset (splits: "
+                     f"{sorted(builder.info.splits)}): {err}") from None
+  if num == 0:
+    raise ValueError(f"split {split!r} has no images to evaluate")
+  if label_to_category is None or class_names is None:
+    l2c, names = load_label_map(builder)
+    label_to_category = label_to_category if label_to_category is not None else l2c
+    class_names = class_names if class_names is not None else names
+  images_meta, anns, records, skipped = [], [], [], []
+  pending: List[Any] = []
+  pictures = []
+
+  def flush():
+    if not pending:
+      return
+    results = predict(model, variables, [p[0] for p in pending], min_size=min_size,
+                      max_size=max_size, bucket=bucket, batch_size=batch_size)
+    for (image, img_id), res in zip(pending, results):
+      records.extend(coco_eval.to_coco_results(img_id, res, label_to_category))
+      if len(pictures) < num_pictures:
+        pictures.append((img_id, draw_predictions(image, res, class_names)))
+    pending.clear()
+
+  for image, ex, error in _examples(builder, split, max_images):
+    if error is not None:
+      skipped.append(error)
+      print(f"evaluation: skipped an image that failed to decode: {error}")
+      continue
+    gt = _gt_records(ex)
+    images_meta.append(gt["image"])
+    anns.extend(gt["annotations"])
+    pending.append((image, gt["image"]["id"]))
+    if len(pending) == batch_size * 8:
+      flush()
+  flush()
+  if not images_meta:
+    raise ValueError(f"split {split!r} has no images to evaluate"
+                     + (f" ({len(skipped)} failed to decode)" if skipped else ""))
+  if gt_json is None:
+    from pycocotools.coco import COCO
+    cats = [dict(id=int(c), name=class_names[k]) for k, c in sorted(label_to_category.items())]
+    gt = COCO()
+    gt.dataset = dict(images=images_meta, annotations=anns, categories=cats)
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+      gt.createIndex()
+  else:
+    gt = gt_json
+  summary = coco_eval.evaluate(gt, records, image_ids=[m["id"] for m in images_meta],
+                               verbose=verbose)
+  summary["num_images"] = len(images_meta)
+  summary["skipped"] = skipped
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+    coco_eval.save_results(os.path.join(out_dir, "results.json"), records)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+    if pictures:
+      pic_dir = os.path.join(out_dir, "pictures")
+      os.makedirs(pic_dir, exist_ok=True)
+      for img_id, pil in pictures:
+        pil.save(os.path.join(pic_dir, f"{img_id}.png"))
+  return summary

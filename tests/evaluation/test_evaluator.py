@@ -1,0 +1,100 @@
+"""evaluate_split on a prepared shapes split: the ground truth rebuilt from tfds, label mapping,
+results JSON and pictures, and the error cases."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from configs import tiny
+from maskrcnn_jax.data import generate_shapes, prepare_coco_format
+from maskrcnn_jax.evaluation import evaluator, inference
+from maskrcnn_jax.modeling import build_model
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+  root = tmp_path_factory.mktemp("shapes")
+  generate_shapes(str(root / "src"), num_train=2, num_val=6, seed=3, image_size=96)
+  builder = prepare_coco_format(str(root / "src"), str(root / "tfds"))
+  ann = json.loads((root / "src" / "annotations" / "instances_val.json").read_text())
+  return builder, ann
+
+
+def _rle(seg, h, w):
+  if isinstance(seg, list):
+    return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+  if isinstance(seg["counts"], str):
+    return {"size": seg["size"], "counts": seg["counts"].encode()}
+  return mask_utils.frPyObjects(seg, h, w)
+
+
+def _perfect_predict(ann):
+  """A stand-in for `predict` that returns the JSON's own objects (labels = contiguous ids)."""
+  cats = sorted(c["id"] for c in ann["categories"])
+  by_size = {}
+  for im in ann["images"]:
+    by_size.setdefault((im["height"], im["width"]), []).append(im["id"])
+  anns = {}
+  for a in ann["annotations"]:
+    anns.setdefault(a["image_id"], []).append(a)
+
+  def fake(model, variables, images, **kw):
+    out = []
+    for image in images:
+      # images arrive in the split's order, recorded by the test
+      img_id = fake.order.pop(0)
+      objs = [a for a in anns.get(img_id, []) if not a["iscrowd"]]
+      h, w = image.shape[:2]
+      masks = [mask_utils.decode(_rle(a["segmentation"], h, w)) for a in objs]
+      out.append(dict(
+          boxes=np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                           a["bbox"][1] + a["bbox"][3]] for a in objs], np.float32).reshape(-1, 4),
+          scores=np.ones(len(objs), np.float32),
+          labels=np.array([cats.index(a["category_id"]) + 1 for a in objs]),
+          masks=np.array(masks, np.float32).reshape(-1, h, w)))
+    return out
+  return fake
+
+
+def test_perfect_predictions_score_one_through_the_split(shapes, monkeypatch, tmp_path):
+  builder, ann = shapes
+  import tensorflow_datasets as tfds
+  order = [int(ex["image/id"]) for ex in tfds.as_numpy(builder.as_dataset(
+      split="validation", shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}))]
+  fake = _perfect_predict(ann)
+  fake.order = list(order)
+  monkeypatch.setattr(evaluator, "predict", fake)
+  summary = evaluator.evaluate_split(None, None, builder, "validation", min_size=96, max_size=96,
+                                     out_dir=str(tmp_path), num_pictures=2, verbose=False)
+  assert summary["num_images"] == 6
+  for iou_type in ("bbox", "segm"):
+    assert summary[iou_type]["AP"] == pytest.approx(1.0), summary[iou_type]
+  records = json.loads((tmp_path / "results.json").read_text())
+  assert {r["category_id"] for r in records} <= {c["id"] for c in ann["categories"]}
+  assert len(list((tmp_path / "pictures").glob("*.png"))) == 2
+  assert json.loads((tmp_path / "metrics.json").read_text())["segm"]["AP"] == pytest.approx(1.0)
+
+
+def test_real_model_runs_without_recompiling_per_image(shapes):
+  builder, _ = shapes
+  cfg = tiny.get_config()
+  model = build_model(cfg.model)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 96, 96, 3)), jnp.array([[96, 96]]),
+                         jnp.array([[96, 96]]))
+  before = inference.TRACE_COUNTS["forward"]
+  summary = evaluator.evaluate_split(model, variables, builder, "validation", min_size=96,
+                                     max_size=96, batch_size=2, verbose=False)
+  assert inference.TRACE_COUNTS["forward"] - before <= 1
+  assert 0.0 <= summary["segm"]["AP"] <= 1.0
+
+
+def test_empty_split_is_a_clear_error(shapes):
+  builder, _ = shapes
+  with pytest.raises(ValueError, match="no images"):
+    evaluator.evaluate_split(None, None, builder, "validation[:0]", min_size=96, max_size=96,
+                             verbose=False)
+  with pytest.raises(ValueError, match="not in the dataset"):
+    evaluator.evaluate_split(None, None, builder, "test", min_size=96, max_size=96, verbose=False)
