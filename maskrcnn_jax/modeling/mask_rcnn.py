@@ -110,7 +110,10 @@ class MaskRCNN(nn.Module):
       negative = (labels == MatchLabel.NEGATIVE) & anchor_valid & ~crowded
       pos, neg = sample_balanced(key, positive, negative, r.batch_size_per_image,
                                  r.positive_fraction)
-      return pos, neg, encode_boxes(boxes[matched], anchors)
+      # Non-positives encode against themselves (target 0): a padding or empty ground truth would
+      # give log(0) targets whose masked loss still has NaN gradients.
+      target_boxes = jnp.where(positive[:, None], boxes[matched], anchors)
+      return pos, neg, encode_boxes(target_boxes, anchors)
 
     pos, neg, rpn_tgt = jax.vmap(rpn_targets)(
         rpn_keys, rpn_out["anchors"], rpn_out["anchor_valid"], gt_boxes, gt_valid, crowd_boxes,
@@ -132,7 +135,8 @@ class MaskRCNN(nn.Module):
                                        bh.positive_fraction)
       rois, gt_idx = cands[idx], matched[idx]
       cls = jnp.where(is_pos, classes[gt_idx], 0)
-      tgt = encode_boxes(boxes[gt_idx], rois, bh.bbox_reg_weights)
+      tgt = encode_boxes(jnp.where(is_pos[:, None], boxes[gt_idx], rois), rois,
+                         bh.bbox_reg_weights)
       return rois, cls, tgt, ok, is_pos, gt_idx
 
     rois, roi_cls, roi_tgt, roi_ok, roi_pos, roi_gt = jax.vmap(roi_targets)(
@@ -165,7 +169,9 @@ def project_mask_crops(crops, gt_boxes, gt_index, rois, size: int):
 
   The crops cover their ground-truth boxes (crop pixel (i, j) samples the box at ((j + .5) / S,
   (i + .5) / S) of its extent), so a RoI maps into crop coordinates by an affine map and RoIAlign
-  (aligned=True) samples it there; outside the crop the target is 0.
+  (aligned=True) samples it there; outside the crop the target is 0. torchvision cuts targets from
+  the full mask with `roi_align(aligned=False)`, which reads pixel k's value at coordinate k rather
+  than k + 0.5; the RoI is shifted by half a pixel so that the targets follow that convention.
 
   Args:
     crops: [M, S, S] float in [0, 1]; gt_boxes: [M, 4] (x1, y1, x2, y2); gt_index: [P] int32;
@@ -178,7 +184,7 @@ def project_mask_crops(crops, gt_boxes, gt_index, rois, size: int):
   g = gt_boxes[gt_index]
   scale_x = s / jnp.maximum(g[:, 2] - g[:, 0], 1e-6)
   scale_y = s / jnp.maximum(g[:, 3] - g[:, 1], 1e-6)
-  local = (rois - jnp.stack([g[:, 0], g[:, 1], g[:, 0], g[:, 1]], -1)) * jnp.stack(
+  local = (rois + 0.5 - jnp.stack([g[:, 0], g[:, 1], g[:, 0], g[:, 1]], -1)) * jnp.stack(
       [scale_x, scale_y, scale_x, scale_y], -1)
   maps = crops[gt_index].astype(jnp.float32)[..., None]  # [P, S, S, 1]
   out = roi_align_batched(maps, jax.lax.stop_gradient(local)[:, None], size, 1.0,
