@@ -23,9 +23,38 @@ def add_repo_to_path() -> None:
 
 
 class Timings(NamedTuple):
-  """Per-call wall-clock and process CPU seconds (CPU: all threads of this process)."""
+  """Per call: wall-clock seconds, CPU seconds of this process (all its threads), and the average
+  number of cores that other processes kept busy meanwhile (None where /proc/stat is missing)."""
   wall: List[float]
   cpu: List[float]
+  others: List[Optional[float]]
+
+
+def machine_busy_seconds() -> Optional[float]:
+  """CPU seconds all processes on the machine have been busy (from /proc/stat), or None."""
+  try:
+    with open("/proc/stat") as f:
+      fields = [int(v) for v in f.readline().split()[1:]]
+  except (OSError, ValueError):
+    return None
+  # user nice system idle iowait irq softirq steal ...: everything but idle and iowait.
+  busy = sum(fields[:3]) + sum(fields[5:8])
+  return busy / os.sysconf("SC_CLK_TCK")
+
+
+def measure(fn: Callable[[], object]):
+  """Calls `fn` once; returns (wall s, own CPU s, cores busy with other processes or None)."""
+  busy = machine_busy_seconds()
+  cpu = time.process_time()
+  start = time.perf_counter()
+  fn()
+  wall = time.perf_counter() - start
+  cpu = time.process_time() - cpu
+  busy_after = machine_busy_seconds()
+  others = None
+  if busy is not None and busy_after is not None and wall > 0:
+    others = max(0.0, (busy_after - busy - cpu) / wall)
+  return wall, cpu, others
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -46,19 +75,21 @@ def interleaved_times(fns: Dict[str, Callable[[], object]], runs: int,
   for _ in range(warmup):
     for fn in fns.values():
       fn()
-  times = {name: Timings([], []) for name in fns}
+  times = {name: Timings([], [], []) for name in fns}
   for _ in range(runs):
     for name, fn in fns.items():
-      cpu = time.process_time()
-      start = time.perf_counter()
-      fn()
-      times[name].wall.append(time.perf_counter() - start)
-      times[name].cpu.append(time.process_time() - cpu)
+      for field, value in zip(Timings._fields, measure(fn)):
+        getattr(times[name], field).append(value)
   return times
 
 
 def median(xs: Sequence[float]) -> float:
   return float(np.median(np.asarray(xs, np.float64)))
+
+
+def median_or_none(xs: Sequence[Optional[float]]) -> Optional[float]:
+  xs = [x for x in xs if x is not None]
+  return median(xs) if xs else None
 
 
 def spread(xs: Sequence[float]) -> float:

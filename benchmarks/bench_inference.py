@@ -12,23 +12,29 @@ photos, same process for the timings:
 Measured:
   1. Full inference, uint8 image in -> numpy boxes / scores / labels / full-size mask probabilities
      out (our host preprocessing and mask pasting included, torchvision's transform and postprocess
-     included): median of --runs after a warm-up, ours (bucketed and exact_padding) and torchvision
-     interleaved so load from other processes hits all alike.
+     included): median and fastest of --runs after the first call, ours (bucketed and
+     exact_padding) and torchvision interleaved so load from other processes hits all alike, with
+     the process's CPU seconds and the cores other processes kept busy meanwhile (from /proc/stat).
   2. Our compile time: first-call wall minus the steady-state median, with the number of traces
-     (`evaluation.inference.TRACE_COUNTS`).
+     (`evaluation.inference.TRACE_COUNTS`), and trace + lower vs XLA compile of the forward done
+     ahead of time on a fresh jit.
   3. Memory, each side in its own subprocess (weights and photos handed over in temporary files
-     written by another subprocess, so no child inherits a large parent's peak): peak resident
-     memory of the process, and its growth over the resident memory just before the first inference
-     call (warm-up with compilation included, then --runs calls), and the growth during the
-     steady-state calls alone.
-  4. Per-stage steady-state times of both sides (each stage jitted / run on its own with the
-     previous stage's outputs, our device stages timed with block_until_ready).
+     written by another subprocess, so no child inherits a large parent's peak through ru_maxrss):
+     peak resident memory of the process, its growth over the resident memory just before the
+     first inference call (warm-up with compilation included, then --memory-runs calls), and the
+     growth during further steady-state calls alone.
+  4. Per-stage steady-state times of both sides, fastest of --stage-runs (each stage jitted / run on
+     its own with the previous stage's outputs, our device stages timed with block_until_ready).
 
-torch runs with 2 threads; jax with its default CPU client. torch and torchvision are imported
-before anything that could import TensorFlow (torchvision crashes when imported after it).
+torch runs with 2 threads (--torch-threads); jax with its default CPU client. torch and torchvision
+are imported before anything that could import TensorFlow (torchvision crashes when imported after
+it). On a machine shared with other work, torch's OpenMP kernels slow down far more than XLA's
+under contention: trust the ratios of runs whose "others" column is near 0.
 
 Usage: python benchmarks/bench_inference.py [--runs 5] [--sizes 800 512] [--skip-memory]
-Prints a table and a markdown block for benchmarks/RESULTS.md.
+  [--skip-stages] [--stage-runs 3] [--memory-runs 2] [--memory-sizes 800 512]
+Prints a table and a markdown block for benchmarks/RESULTS.md; takes 6 to 10 minutes on the 2-core
+machine, depending on its load.
 """
 import argparse
 import gc
@@ -144,20 +150,23 @@ def memory_child(side: str, size: int, runs: int, in_dir: str) -> dict:
     model, variables = load_ours(in_dir)
     fn = lambda: ours_predict(model, variables, image, min_size, max_size, exact=False)
   gc.collect()
+  # Loading may have peaked above what is resident now: keep that peak for the absolute figure and
+  # reset the high-water mark, so that the growth below is the inference calls' alone.
+  maxrss_load = _common.maxrss_mb()
+  _common.reset_peak_rss()
   base = _common.proc_status_mb("VmRSS")
-  maxrss_before = _common.maxrss_mb()
   fn()  # Warm-up: compiles ours.
   for _ in range(runs):
     fn()
-  maxrss_all = _common.maxrss_mb()  # Read before the reset below, which lowers it.
+  maxrss_infer = _common.maxrss_mb()  # Read before the next reset, which lowers it.
   steady = None
   if _common.reset_peak_rss():
     at_reset = _common.proc_status_mb("VmRSS")
     for _ in range(max(1, runs // 2)):
       fn()
     steady = _common.proc_status_mb("VmHWM") - at_reset
-  return dict(base_mb=base, maxrss_before_mb=maxrss_before, peak_mb=maxrss_all,
-              delta_mb=maxrss_all - base, steady_delta_mb=steady)
+  return dict(base_mb=base, load_peak_mb=maxrss_load, peak_mb=max(maxrss_load, maxrss_infer),
+              delta_mb=maxrss_infer - base, steady_delta_mb=steady)
 
 
 def memory_in_subprocess(side: str, size: int, runs: int, in_dir: str) -> dict:
@@ -169,6 +178,27 @@ def memory_in_subprocess(side: str, size: int, runs: int, in_dir: str) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # 4. Per-stage breakdowns
+
+
+def compile_split(model, variables, image, min_size, max_size, exact: bool) -> dict:
+  """Seconds to trace + lower, and to XLA-compile, our forward for this image's canvas, done ahead
+  of time on a fresh jit (so no cache of the earlier calls is hit)."""
+  import jax
+  import jax.numpy as jnp
+  from maskrcnn_jax.data.preprocess import resized_size
+  from maskrcnn_jax.evaluation import inference
+
+  h, w = resized_size(*image.shape[:2], min_size, max_size)
+  padded = (inference._round_up(h, 32), inference._round_up(w, 32))
+  canvas = padded if exact else (inference._round_up(h, BUCKET), inference._round_up(w, BUCKET))
+  args = (jnp.zeros((1,) + canvas + (3,), jnp.float32), jnp.asarray([[h, w]], jnp.int32),
+          jnp.asarray([padded], jnp.int32))
+  fresh = jax.jit(lambda v, x, i, p: model.apply(v, x, i, p))
+  start = time.perf_counter()
+  lowered = fresh.lower(variables, *args)
+  traced = time.perf_counter()
+  lowered.compile()
+  return dict(trace_lower_s=traced - start, compile_s=time.perf_counter() - traced, canvas=canvas)
 
 
 def ours_stages(model, variables, image, min_size, max_size, runs):
@@ -298,8 +328,10 @@ def ours_stages(model, variables, image, min_size, max_size, runs):
       "paste": paste_only,
       "host_post": lambda: inference._to_original_frame(det0, p, BUCKET, None),
   }
-  times = {k: _common.median(v.wall) for k, v in _common.interleaved_times(fns, runs).items()}
-  return times, dict(canvas=canvas, n_det=n_det, slots=int(det0["valid"].shape[0]),
+  timings = _common.interleaved_times(fns, runs)
+  times = {k: min(v.wall) for k, v in timings.items()}
+  others = _common.median_or_none([o for v in timings.values() for o in v.others])
+  return times, dict(others=others, canvas=canvas, n_det=n_det, slots=int(det0["valid"].shape[0]),
                      stage_compile_s=stage_compile)
 
 
@@ -363,8 +395,10 @@ def tv_stages(tv, image, runs):
           [{k: v for k, v in dets[0].items()}], il.image_sizes, orig)),
       "numpy": wrap(numpy_out),
   }
-  times = {k: _common.median(v.wall) for k, v in _common.interleaved_times(fns, runs).items()}
-  return times, dict(padded=tuple(il.tensors.shape[-2:]), n_det=n_det)
+  timings = _common.interleaved_times(fns, runs)
+  times = {k: min(v.wall) for k, v in timings.items()}
+  others = _common.median_or_none([o for v in timings.values() for o in v.others])
+  return times, dict(others=others, padded=tuple(il.tensors.shape[-2:]), n_det=n_det)
 
 
 STAGE_ROWS = [
@@ -424,8 +458,10 @@ def run_size(size, args, in_dir, tv, model, variables):
   times = _common.interleaved_times(fns, args.runs, warmup=0)
   retraces = sum(v - before.get(k, 0) for k, v in inference.TRACE_COUNTS.items())
   res["full"] = {k: _common.median(v.wall) for k, v in times.items()}
+  res["best"] = {k: min(v.wall) for k, v in times.items()}
+  res["others"] = {k: _common.median_or_none(v.others) for k, v in times.items()}
   res["cpu"] = {k: _common.median(v.cpu) for k, v in times.items()}
-  res["spread"] = {k: _common.spread(v.wall) for k, v in times.items()}
+  res["runs_wall"] = {k: v.wall for k, v in times.items()}
   res["first"] = first
   # A first call that traced nothing (exact mode on a canvas the bucketed call already compiled)
   # compiled nothing.
@@ -433,6 +469,8 @@ def run_size(size, args, in_dir, tv, model, variables):
                     for k in ("bucketed", "exact")}
   res["traces"] = traces
   res["steady_retraces"] = retraces
+  res["aot"] = {k: compile_split(model, variables, image, min_size, max_size, k == "exact")
+                for k in ("bucketed", "exact")}
 
   # Agreement (a sanity check that both sides compute the same thing).
   res["agree"] = {}
@@ -446,6 +484,7 @@ def run_size(size, args, in_dir, tv, model, variables):
     res["ours_stages"], res["ours_info"] = ours_stages(model, variables, image, min_size,
                                                        max_size, args.stage_runs)
     res["tv_stages"], res["tv_info"] = tv_stages(tv, image, args.stage_runs)
+    res["stage_runs"] = args.stage_runs
   return res
 
 
@@ -454,17 +493,25 @@ def print_size(res, memory):
   h0, w0 = res["image_shape"]
   print(f"\n== {res['photo']} {h0}x{w0}, min_size {res['min_size']}, max_size {res['max_size']} ==")
   cpu = res["cpu"]
-  print(f"{'full inference':22s} {'wall s':>7s} {'spread':>7s} {'ours/tv':>8s} {'CPU s':>7s}"
-        f" {'ours/tv':>8s} {'first s':>8s} {'compile s':>9s}  traces")
+  best, others = res["best"], res["others"]
+  print(f"{'full inference':16s} {'wall s':>7s} {'ours/tv':>7s} {'best s':>7s} {'ours/tv':>7s}"
+        f" {'CPU s':>6s} {'ours/tv':>7s} {'others':>6s} {'first s':>7s} {'compile':>7s}  traces")
   for k in ("bucketed", "exact", "torchvision"):
     comp = res["compile"].get(k)
-    comp_s = f"{comp:9.1f}" if comp is not None else f"{'-':>9s}"
+    comp_s = f"{comp:7.1f}" if comp is not None else f"{'-':>7s}"
+    oth = "n/a" if others[k] is None else f"{others[k]:.2f}"
     tr = ", ".join(f"{n} {c}" for n, c in res["traces"].get(k, {}).items()) or "-"
-    print(f"{('ours ' + k) if k != 'torchvision' else k:22s} {full[k]:7.3f} {res['spread'][k]:7.2f}"
-          f" {full[k] / full['torchvision']:8.2f} {cpu[k]:7.2f} {cpu[k] / cpu['torchvision']:8.2f}"
-          f" {res['first'][k]:8.1f} {comp_s}  {tr}")
-  print(f"  (wall and process CPU seconds, medians; spread: (max - min) / median of the wall times;"
-        f" compile: first call - median; retraces during the timed runs: {res['steady_retraces']})")
+    print(f"{('ours ' + k) if k != 'torchvision' else k:16s} {full[k]:7.3f}"
+          f" {full[k] / full['torchvision']:7.2f} {best[k]:7.3f} {best[k] / best['torchvision']:7.2f}"
+          f" {cpu[k]:6.2f} {cpu[k] / cpu['torchvision']:7.2f} {oth:>6s} {res['first'][k]:7.1f}"
+          f" {comp_s}  {tr}")
+  print(f"  (wall: median, best: fastest of the {len(res['runs_wall']['torchvision'])} runs; CPU: "
+        f"this process's CPU seconds, median; others: cores busy with other processes meanwhile, "
+        f"median; compile: first call - median; retraces in the timed runs: "
+        f"{res['steady_retraces']})")
+  for k, a in res["aot"].items():
+    print(f"  ahead-of-time, {k} canvas {a['canvas'][0]}x{a['canvas'][1]}: trace + lower "
+          f"{a['trace_lower_s']:.1f} s, XLA compile {a['compile_s']:.1f} s")
   for k, a in res["agree"].items():
     print(f"  agreement, {k}: {a['n_ours']} detections vs torchvision's {a['n_ref']}, "
           f"{a['rate']:.0%} matched, {a['mask_ok']:.0%} of matched masks IoU >= 0.98")
@@ -482,9 +529,11 @@ def print_size(res, memory):
   if "ours_stages" in res:
     o, t = res["ours_stages"], res["tv_stages"]
     oi, ti = res["ours_info"], res["tv_info"]
-    print(f"per stage, steady state (ours on the {oi['canvas'][0]}x{oi['canvas'][1]} bucketed canvas,"
-          f" {oi['n_det']} of {oi['slots']} mask slots used; torchvision on "
-          f"{ti['padded'][0]}x{ti['padded'][1]}, {ti['n_det']} detections)")
+    oth = lambda v: "n/a" if v is None else f"{v:.2f}"
+    print(f"per stage, steady state, fastest of {res['stage_runs']} (ours on the "
+          f"{oi['canvas'][0]}x{oi['canvas'][1]} bucketed canvas, {oi['n_det']} of {oi['slots']} mask"
+          f" slots used; torchvision on {ti['padded'][0]}x{ti['padded'][1]}, {ti['n_det']} "
+          f"detections; others' cores busy: {oth(oi['others'])} / {oth(ti['others'])})")
     print(f"{'stage':48s} {'ours s':>8s} {'tv s':>8s} {'ours/tv':>8s}")
     so = st_ = 0.0
     for key, label in STAGE_ROWS:
@@ -503,14 +552,19 @@ def markdown(results, memories, args, header):
   lines = [f"### End-to-end inference vs torchvision (`benchmarks/bench_inference.py`)", "",
            header, "",
            "| input | ours bucketed s | ours exact s | torchvision s | bucketed/tv | exact/tv "
-           "| CPU s bucketed/tv | compile s (bucketed, exact) | peak RSS MB ours / tv "
-           "| +infer MB ours / tv |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| best-of bucketed/tv | CPU s bucketed/tv | others' cores | compile s (bucketed, exact) "
+           "| peak RSS MB ours / tv | +infer MB ours / tv | +steady MB ours / tv |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for res in results:
     f = res["full"]
     m = memories.get(res["size"])
+    fmt = lambda v: "n/a" if v is None else f"{v:.0f}"
     mem = (f"{m['ours']['peak_mb']:.0f} / {m['torch']['peak_mb']:.0f} | "
-           f"{m['ours']['delta_mb']:.0f} / {m['torch']['delta_mb']:.0f}") if m else "- | -"
+           f"{m['ours']['delta_mb']:.0f} / {m['torch']['delta_mb']:.0f} | "
+           f"{fmt(m['ours']['steady_delta_mb'])} / {fmt(m['torch']['steady_delta_mb'])}"
+           ) if m else "- | - | -"
+    b = res["best"]
+    oth = res["others"]["torchvision"]
     h0, w0 = res["image_shape"]
     c = res["cpu"]
     comp = ", ".join("-" if res["compile"][k] is None else f"{res['compile'][k]:.0f}"
@@ -519,11 +573,12 @@ def markdown(results, memories, args, header):
         f"| {res['photo']} {h0}x{w0} -> min {res['min_size']} max {res['max_size']} "
         f"| {f['bucketed']:.2f} | {f['exact']:.2f} | {f['torchvision']:.2f} "
         f"| {f['bucketed'] / f['torchvision']:.2f}x | {f['exact'] / f['torchvision']:.2f}x "
+        f"| {b['bucketed'] / b['torchvision']:.2f}x "
         f"| {c['bucketed']:.2f} / {c['torchvision']:.2f} = {c['bucketed'] / c['torchvision']:.2f}x "
-        f"| {comp} | {mem} |")
+        f"| {'n/a' if oth is None else f'{oth:.1f}'} | {comp} | {mem} |")
   staged = [r for r in results if "ours_stages" in r]
   if staged:
-    lines += ["", "Per stage, steady state, seconds (ours / torchvision):", "",
+    lines += ["", "Per stage, steady state, fastest of a few runs, seconds (ours / torchvision):", "",
               "| stage | " + " | ".join(f"{r['size']}" for r in staged) + " |",
               "| --- |" + " --- |" * len(staged)]
     for key, label in STAGE_ROWS:

@@ -40,8 +40,10 @@ def rpn_loss(objectness: Array, deltas: Array, targets: Array, sampled_pos: Arra
   n = jnp.maximum(jnp.sum(sampled), 1).astype(jnp.float32)
   bce = _bce_with_logits(objectness, sampled_pos.astype(jnp.float32))
   loss_obj = jnp.sum(jnp.where(sampled, bce, 0.0)) / n
-  box = jnp.sum(smooth_l1(deltas.astype(jnp.float32) - targets, beta), axis=-1)
-  loss_box = jnp.sum(jnp.where(sampled_pos, box, 0.0)) / n
+  # Mask before smooth_l1: unread targets may be non-finite (log(0) of an empty box), and a mask
+  # applied after it would still send 0 * inf = NaN into the gradient.
+  diff = jnp.where(sampled_pos[:, None], deltas.astype(jnp.float32) - targets, 0.0)
+  loss_box = jnp.sum(smooth_l1(diff, beta)) / n
   return loss_obj, loss_box
 
 
@@ -65,8 +67,8 @@ def fastrcnn_loss(logits: Array, deltas: Array, labels: Array, targets: Array, v
   ce = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
   loss_cls = jnp.sum(jnp.where(valid, ce, 0.0)) / n
   picked = jnp.take_along_axis(deltas.astype(jnp.float32), labels[:, None, None], axis=1)[:, 0]
-  box = jnp.sum(smooth_l1(picked - targets, beta), axis=-1)
-  loss_box = jnp.sum(jnp.where(valid & (labels > 0), box, 0.0)) / n
+  diff = jnp.where((valid & (labels > 0))[:, None], picked - targets, 0.0)  # as in rpn_loss
+  loss_box = jnp.sum(smooth_l1(diff, beta)) / n
   return loss_cls, loss_box
 
 
