@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast bench clean
+.PHONY: install test test-fast demo bench clean
+
+DEMO_DIR ?= outputs/demo
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +25,13 @@ test: $(STAMP)
 # Skips the slow and side-by-side tests.
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not reference" $(PYTEST_ARGS)
+
+# The main job: generate + build the synthetic shapes data, train configs/shapes.py on the CPU,
+# evaluate on the held-out split, write pictures and curves (see README for time and outputs).
+demo: $(STAMP)
+	$(PY) train.py --config configs/shapes.py --workdir $(DEMO_DIR)
+	$(PY) eval.py --config configs/shapes.py --workdir $(DEMO_DIR) --num_pictures 8
+	$(PY) -m maskrcnn_jax.evaluation.curves $(DEMO_DIR)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_inference.py

@@ -17,4 +17,26 @@ def get_config():
   m.postprocess.candidates_per_image = 1000
   c.input.min_size = 96
   c.input.max_size = 128
+
+  # Training on a small synthetic shapes set, from scratch: `train.py --config configs/tiny.py`.
+  t = c.training
+  t.steps = 100
+  t.batch_size = 2
+  t.learning_rate = 0.02
+  t.schedule = "cosine"
+  t.warmup_steps = 10
+  t.clip_grad_norm = 10.0
+  t.frozen_stages = 0
+  t.log_every = 10
+  t.checkpoint_every = 50
+  t.keep_checkpoints = 2
+  d = c.data
+  d.dataset = "shapes"
+  d.shapes.update(dict(num_train=64, num_val=16, image_size=128))
+  d.image_size = (128, 128)
+  d.resize = "fit"
+  d.max_instances = 8
+  d.max_crowd_instances = 2
+  d.mask_crop_size = 28
+  d.shuffle_buffer = 64
   return c

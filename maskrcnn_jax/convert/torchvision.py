@@ -170,3 +170,80 @@ def from_torchvision(state_dict_or_path, num_classes: int = 91, backbone: str = 
   cfg = model_config or torchvision_model_config(_BACKBONES[backbone], num_classes)
   model = build_model(cfg)
   return model, variables_from_state_dict(model, load_state_dict(state_dict_or_path))
+
+
+def convert_matching(model: MaskRCNN, state_dict: Mapping[str, Any], prefix: str = "",
+                     strip: str = "") -> Tuple[Dict[str, Any], Dict[str, List[str]]]:
+  """The variables of `model` that a state_dict holds with the right shape, and what it lacks.
+
+  Lenient `variables_from_state_dict`: for fine-tuning from weights of another configuration
+  (e.g. other num_classes), where the caller keeps its own initialization of what is left out.
+
+  Args:
+    model: the MaskRCNN to fill.
+    state_dict: torchvision names -> tensors or arrays.
+    prefix: only our variables whose torchvision name starts with it (e.g. 'backbone.body.').
+    strip: removed from the front of our torchvision names before the lookup ('backbone.body.'
+      for a plain torchvision ResNet's state_dict, whose keys are 'conv1.weight', 'layer1.0...').
+
+  Returns:
+    (variables, report): variables {'params': ..., 'batch_stats': ...} (nested dicts with only the
+    converted leaves), report {'loaded': [...], 'missing': [...], 'mis-shaped': [...],
+    'unexpected': [...]} of torchvision names ('mis-shaped' entries also give both shapes).
+  """
+  shapes = jax.eval_shape(
+      model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.array([[64, 64]]),
+      jnp.array([[64, 64]]))
+  sd = dict(state_dict)
+  report = {"loaded": [], "missing": [], "mis-shaped": [], "unexpected": []}
+  used = set()
+  out: Dict[str, Dict] = {}
+  for collection, tree in shapes.items():
+    conv = {}
+    for path, spec in traverse_util.flatten_dict(tree).items():
+      names, layout = torch_names(collection, path)
+      if not names[0].startswith(prefix):
+        continue
+      names = [n[len(strip):] if strip and n.startswith(strip) else n for n in names]
+      key = next((n for n in names if n in sd), None)
+      if key is None:
+        report["missing"].append(names[0])
+        continue
+      used.add(key)
+      arr = _to_ours(_as_numpy(sd[key]), layout, model.roi_align.box_output_size)
+      if arr.shape != spec.shape:
+        report["mis-shaped"].append(
+            f"{key} (got {tuple(_as_numpy(sd[key]).shape)}, want {spec.shape} in our layout)")
+        continue
+      conv[path] = jnp.asarray(arr)
+      report["loaded"].append(key)
+    out[collection] = traverse_util.unflatten_dict(conv)
+  report["unexpected"] = sorted(k for k in sd if k not in used and not _IGNORED.match(k))
+  return out, report
+
+
+def variables_from_resnet_state_dict(model: MaskRCNN, state_dict_or_path) -> Dict[str, Any]:
+  """An ImageNet torchvision ResNet (`resnet50`, `resnet101`) state_dict -> the backbone variables.
+
+  Keys are torchvision's classification names ('conv1.weight', 'layer1.0.bn1.running_mean', ...):
+  the Mask R-CNN names of `torch_names` with 'backbone.body.' stripped. The classifier ('fc.*') is
+  ignored. BatchNorm weights and statistics become our frozen BatchNorm's `batch_stats`.
+
+  Returns:
+    {'params': {'backbone': ...}, 'batch_stats': {'backbone': ...}}.
+
+  Raises:
+    ValueError naming every missing, mis-shaped or unexpected (non-'fc') key.
+  """
+  sd = load_state_dict(state_dict_or_path)
+  variables, report = convert_matching(model, sd, prefix="backbone.body.",
+                                       strip="backbone.body.")
+  unexpected = [k for k in report["unexpected"] if not k.startswith("fc.")]
+  lines = []
+  for kind, items in (("missing", report["missing"]), ("mis-shaped", report["mis-shaped"]),
+                      ("unexpected", unexpected)):
+    if items:
+      lines.append(f"{kind} keys ({len(items)}): " + "; ".join(items))
+  if lines:
+    raise ValueError("ResNet state_dict does not fit the backbone:\n  " + "\n  ".join(lines))
+  return variables

@@ -116,7 +116,7 @@ def build_dataset(builder, split, *, batch_size, training, image_size=(1024, 102
                   process_count=None, drop_remainder=None, transforms=None, resize="fit",
                   min_size=800, max_size=1333, scale_range=None, flip_prob=0.5,
                   max_crowd_instances=20, mask_dtype="float32", prefetch=2,
-                  num_parallel_calls=tf.data.AUTOTUNE):
+                  num_parallel_calls=tf.data.AUTOTUNE, start_batch=0):
   """The `tf.data.Dataset` of batches that `make_dataset` iterates (arguments as there)."""
   builder = _as_builder(builder)
   training = bool(training)
@@ -147,6 +147,10 @@ def build_dataset(builder, split, *, batch_size, training, image_size=(1024, 102
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
   ds = ds.enumerate()
+  if start_batch:
+    # After enumerate: the skipped examples keep their indices, so every later example gets the
+    # random transforms (seeded by its index) it would have had in an uninterrupted run.
+    ds = ds.skip(int(start_batch) * int(batch_size))
   host_offset = process_index << 40
 
   def apply(i, ex):
@@ -193,7 +197,8 @@ def make_dataset(builder, split, *, batch_size, training, image_size=(1024, 1024
                  num_epochs=None, keep_empty=None, process_index=None, process_count=None,
                  drop_remainder=None, transforms=None, resize="fit", min_size=800,
                  max_size=1333, scale_range=None, flip_prob=0.5, max_crowd_instances=20,
-                 mask_dtype="float32", prefetch=2, num_parallel_calls=tf.data.AUTOTUNE):
+                 mask_dtype="float32", prefetch=2, num_parallel_calls=tf.data.AUTOTUNE,
+                 start_batch=0):
   """Iterator of fixed-shape numpy batches (keys and shapes in the module docstring).
 
   Args:
@@ -221,6 +226,8 @@ def make_dataset(builder, split, *, batch_size, training, image_size=(1024, 1024
       passed to `default_transforms`).
     prefetch: batches prepared ahead.
     num_parallel_calls: parallel map calls (AUTOTUNE by default).
+    start_batch: batches to skip, e.g. the step a resumed training run starts at: the iterator then
+      yields exactly the batches an uninterrupted run would have yielded from there on.
   """
   ds = build_dataset(
       builder, split, batch_size=batch_size, training=training, image_size=image_size,
@@ -229,7 +236,8 @@ def make_dataset(builder, split, *, batch_size, training, image_size=(1024, 1024
       process_index=process_index, process_count=process_count, drop_remainder=drop_remainder,
       transforms=transforms, resize=resize, min_size=min_size, max_size=max_size,
       scale_range=scale_range, flip_prob=flip_prob, max_crowd_instances=max_crowd_instances,
-      mask_dtype=mask_dtype, prefetch=prefetch, num_parallel_calls=num_parallel_calls)
+      mask_dtype=mask_dtype, prefetch=prefetch, num_parallel_calls=num_parallel_calls,
+      start_batch=start_batch)
   return iter(tfds.as_numpy(ds))
 
 

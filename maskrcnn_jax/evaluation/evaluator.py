@@ -151,3 +151,22 @@ def evaluate_split(model, variables, builder, split: str, *, min_size: int, max_
       for img_id, pil in pictures:
         pil.save(os.path.join(pic_dir, f"{img_id}.png"))
   return summary
+
+
+def make_training_evaluator(config, max_images: Optional[int] = None, num_pictures: int = 4):
+  """The `evaluate` callback of `training.trainer.train_and_evaluate`: the same evaluation as
+  eval.py on `config.data.eval_split`, written to WORKDIR/eval/step_<N>; returns AP figures."""
+  inp = config.input
+  split = config.data.get("eval_split", "validation")
+
+  def evaluate(step, model, variables, builder, workdir):
+    import jax
+    if jax.process_index() != 0:
+      return {}
+    summary = evaluate_split(model, jax.device_get(variables), builder, split,
+                             min_size=int(inp.min_size), max_size=int(inp.max_size),
+                             bucket=int(inp.bucket), batch_size=int(inp.batch_size),
+                             max_images=max_images, num_pictures=num_pictures, verbose=False,
+                             out_dir=os.path.join(workdir, "eval", f"step_{step}"))
+    return {f"{t}/{k}": summary[t][k] for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75")}
+  return evaluate

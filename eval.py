@@ -1,0 +1,183 @@
+"""Evaluates Mask R-CNN with COCO box and mask AP, or predicts on image files.
+
+    python eval.py --config configs/shapes.py --workdir /tmp/shapes          # newest checkpoint
+    python eval.py --config configs/shapes.py --torchvision_weights w.pth     # converted weights
+    python eval.py --config configs/shapes.py --workdir /tmp/shapes --images photos/ --out_dir out
+
+Writes COCO results (results.json), metrics.json (12 COCO numbers and per-category AP for bbox and
+segm) and pictures (PNG) into --out_dir (default WORKDIR/eval/final), and the AP to TensorBoard.
+"""
+import glob
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "A training workdir: its newest checkpoint is evaluated.")
+flags.DEFINE_string("torchvision_weights", None,
+                    "A torchvision Mask R-CNN state_dict (.pth) to convert and evaluate instead.")
+flags.DEFINE_string("split", None, "Dataset split (default config.data.eval_split or validation).")
+flags.DEFINE_string("out_dir", None, "Output folder (default WORKDIR/eval/final or ./eval_out).")
+flags.DEFINE_integer("num_pictures", 8, "Images to draw with their predictions.")
+flags.DEFINE_integer("max_images", None, "Evaluate only the first N images of the split.")
+flags.DEFINE_multi_string("images", None, "Image files or folders to predict on (no AP).")
+flags.DEFINE_float("score_threshold", 0.5, "Pictures: draw detections scoring at least this.")
+
+
+class UsageError(Exception):
+  pass
+
+
+def _restore(config, workdir):
+  """Model and variables from the newest checkpoint in `workdir` (built from `config`)."""
+  import jax
+  from maskrcnn_jax.modeling import build_model
+  from maskrcnn_jax.training import checkpoint, optimizer, parallel, trainer
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise UsageError(f"--workdir {workdir!r} has no checkpoints/ folder (train first, or pass "
+                     "--torchvision_weights)")
+  model = build_model(config.model)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  abstract = trainer.abstract_train_state(
+      model, lambda p: optimizer.make_optimizer(config.training, p), mesh)
+  ckpt = checkpoint.Checkpointer(ckpt_dir, async_save=False)
+  try:
+    state, step = ckpt.restore_latest(abstract)
+  except RuntimeError as e:  # checkpoints exist, none readable
+    raise UsageError(str(e)) from None
+  finally:
+    ckpt.close()
+  if state is None:
+    raise UsageError(f"--workdir {workdir!r} holds no checkpoint yet")
+  print(f"evaluating {workdir} at step {step}")
+  return model, jax.device_get(state.variables), int(step)
+
+
+def _load_images(paths):
+  from PIL import Image
+  import numpy as np
+  files = []
+  for p in paths:
+    if os.path.isdir(p):
+      files += sorted(f for f in glob.glob(os.path.join(p, "*"))
+                      if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
+    else:
+      files.append(p)
+  if not files:
+    raise UsageError(f"no image files found in {paths}")
+  images, names = [], []
+  for f in files:
+    try:
+      with Image.open(f) as im:
+        images.append(np.asarray(im.convert("RGB")))
+      names.append(f)
+    except (OSError, ValueError) as err:
+      print(f"eval.py: skipped {f}: cannot decode it ({err})")
+  if not images:
+    raise UsageError("none of the images could be decoded")
+  return images, names
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UsageError(f"unexpected arguments {argv[1:]}")
+  config = FLAGS.config
+  if (FLAGS.workdir is None) == (FLAGS.torchvision_weights is None):
+    raise UsageError("pass exactly one of --workdir and --torchvision_weights")
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")
+  import jax
+  from maskrcnn_jax.evaluation import evaluator, inference
+  from maskrcnn_jax.evaluation.visualize import draw_predictions
+
+  if FLAGS.workdir is not None:
+    workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
+    if not os.path.isdir(workdir):
+      raise UsageError(f"--workdir {FLAGS.workdir!r} does not exist")
+    model, variables, step = _restore(config, workdir)
+    default_out = os.path.join(workdir, "eval", "final")
+    label_map = None
+  else:
+    from maskrcnn_jax.convert import from_torchvision
+    if not os.path.isfile(FLAGS.torchvision_weights):
+      raise UsageError(f"--torchvision_weights {FLAGS.torchvision_weights!r} does not exist")
+    model, variables = from_torchvision(FLAGS.torchvision_weights,
+                                        num_classes=int(config.model.num_classes),
+                                        model_config=config.model)
+    default_out = os.path.abspath("eval_out")
+    # torchvision's classes are COCO category ids; names are not known here.
+    label_map = ({k: k for k in range(1, int(config.model.num_classes))},
+                 [str(k) for k in range(int(config.model.num_classes))])
+  out_dir = FLAGS.out_dir or default_out
+  os.makedirs(out_dir, exist_ok=True)
+  inp = config.input
+
+  if FLAGS.images:
+    images, names = _load_images(FLAGS.images)
+    results = inference.predict(model, variables, images, min_size=int(inp.min_size),
+                                max_size=int(inp.max_size), bucket=int(inp.bucket),
+                                batch_size=int(inp.batch_size))
+    records = []
+    class_names = label_map[1] if label_map else None
+    if class_names is None and config.data.get("dataset"):
+      from maskrcnn_jax.training import data_source
+      _, class_names = evaluator.load_label_map(data_source.prepare_builder(config.data))
+    for i, (image, name, res) in enumerate(zip(images, names, results)):
+      for r in range(len(res["scores"])):
+        x1, y1, x2, y2 = (float(v) for v in res["boxes"][r])
+        from maskrcnn_jax.evaluation.coco_eval import encode_mask
+        records.append(dict(file_name=name, image_id=i, category_id=int(res["labels"][r]),
+                            bbox=[x1, y1, x2 - x1, y2 - y1], score=float(res["scores"][r]),
+                            segmentation=encode_mask(res["masks"][r] > 0.5)))
+      pic = draw_predictions(image, res, class_names, score_threshold=FLAGS.score_threshold)
+      pic.save(os.path.join(out_dir, os.path.splitext(os.path.basename(name))[0] + "_pred.png"))
+    with open(os.path.join(out_dir, "predictions.json"), "w") as f:
+      json.dump(records, f)
+    print(f"wrote {len(images)} pictures and predictions.json ({len(records)} detections) to "
+          f"{out_dir}")
+    return
+
+  from maskrcnn_jax.training import data_source
+  builder = data_source.prepare_builder(config.data)
+  split = FLAGS.split or config.data.get("eval_split", "validation")
+  before = inference.TRACE_COUNTS["forward"]
+  kwargs = {}
+  if label_map is not None:
+    kwargs = dict(label_to_category=label_map[0], class_names=label_map[1])
+  summary = evaluator.evaluate_split(
+      model, variables, builder, split, min_size=int(inp.min_size), max_size=int(inp.max_size),
+      bucket=int(inp.bucket), batch_size=int(inp.batch_size), max_images=FLAGS.max_images,
+      out_dir=out_dir, num_pictures=FLAGS.num_pictures, **kwargs)
+  print(f"compiled the forward pass {inference.TRACE_COUNTS['forward'] - before} time(s) for "
+        f"{summary['num_images']} images")
+  if FLAGS.workdir is not None and jax.process_index() == 0:
+    from maskrcnn_jax.training.trainer import _SummaryWriter
+    writer = _SummaryWriter(os.path.join(workdir, "tensorboard"))
+    writer.scalars(step, {f"{t}/{k}": summary[t][k] for t in ("bbox", "segm")
+                          for k in ("AP", "AP50", "AP75")}, "eval")
+    writer.flush()
+  print(f"results.json, metrics.json and pictures in {out_dir}")
+
+
+def _run():
+  from train import _config_file_from_argv, _fail
+  path = _config_file_from_argv(sys.argv[1:])
+  if path is None:
+    _fail("--config is required, e.g. --config configs/shapes.py")
+  if not os.path.isfile(path.split(":", 1)[0]):
+    _fail(f"config file not found: {path}")
+  from maskrcnn_jax.training.checkpoint import CheckpointMismatchError
+  try:
+    app.run(main)
+  except (UsageError, CheckpointMismatchError) as e:
+    _fail(str(e))
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  _run()

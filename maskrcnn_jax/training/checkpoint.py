@@ -1,0 +1,174 @@
+"""Checkpoints in WORKDIR/checkpoints with orbax: save, keep the last few, resume by itself.
+
+A checkpoint is the whole `TrainState` (step, params, frozen BN statistics, optimizer state, RNG),
+so a resumed run continues exactly where it stopped; the data pipeline skips the `step` batches
+already consumed. Restoring tries the newest complete checkpoint first; an unreadable one
+(truncated or missing array files, unreadable metadata) is reported by name, moved aside to
+WORKDIR/checkpoints_corrupt/ and the previous one is tried. Interrupted saves (orbax's
+`*.orbax-checkpoint-tmp-*` folders) never count as checkpoints; they are reported and removed.
+A checkpoint whose arrays do not have the shapes the config asks for is an error (no fallback:
+the older ones were written by the same run).
+"""
+import logging
+import os
+import shutil
+import time
+from typing import Any, Optional, Tuple
+
+import jax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+class CheckpointMismatchError(ValueError):
+  """The workdir's checkpoint does not fit the configured model/optimizer."""
+
+
+def _sync(name: str):
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _flat_shapes(tree, serialize: bool = False):
+  """{'params.backbone.conv1.kernel': shape} of a checkpoint's metadata tree (nested dicts and
+  lists, as orbax stores a pytree) or, with `serialize`, of a pytree such as a TrainState."""
+  if serialize:
+    tree = ocp.tree.serialize_tree(tree, keep_empty_nodes=True)
+  out = {}
+
+  def walk(node, prefix):
+    if isinstance(node, dict):
+      for k, v in node.items():
+        walk(v, prefix + (str(k),))
+    elif isinstance(node, (list, tuple)):
+      for i, v in enumerate(node):
+        walk(v, prefix + (str(i),))
+    elif hasattr(node, "shape"):
+      out[".".join(prefix)] = tuple(node.shape)
+  walk(tree, ())
+  return out
+
+
+class Checkpointer:
+  """Saves and restores `TrainState`s under `directory` (WORKDIR/checkpoints)."""
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self._report_partial_saves()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=int(keep) if keep else None, create=True, cleanup_tmp_directories=True,
+        enable_async_checkpointing=bool(async_save))
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_handlers=ocp.StandardCheckpointHandler())
+
+  def _report_partial_saves(self):
+    if not os.path.isdir(self.directory):
+      return
+    for name in sorted(os.listdir(self.directory)):
+      if TMP_MARK in name:
+        log.warning("ignoring the partial checkpoint %s (an interrupted save); it is removed",
+                    os.path.join(self.directory, name))
+
+  def steps(self):
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def save(self, step: int, state) -> bool:
+    """Saves `state` (whose `step` is `step`) unless that step is saved already.
+
+    Asynchronous by default: the arrays are copied off the devices before this returns (so the
+    state may be donated to the next step) and written in the background; `wait` blocks.
+    """
+    if step in self.manager.all_steps():
+      return False
+    return self.manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+
+  def check_shapes(self, step: int, abstract_state):
+    """Raises CheckpointMismatchError naming every array whose shape (or presence) differs."""
+    stored = _flat_shapes(self.manager.item_metadata(step).tree)
+    wanted = _flat_shapes(abstract_state, serialize=True)
+    problems = []
+    for k in sorted(set(stored) | set(wanted)):
+      if k not in stored:
+        problems.append(f"{k}: not in the checkpoint (config wants {wanted[k]})")
+      elif k not in wanted:
+        problems.append(f"{k}: in the checkpoint {stored[k]}, not in the config")
+      elif stored[k] != wanted[k]:
+        problems.append(f"{k}: checkpoint {stored[k]} vs config {wanted[k]}")
+    if problems:
+      shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
+      raise CheckpointMismatchError(
+          f"the checkpoint {self.path(step)} does not fit the config ({len(problems)} arrays "
+          "differ): use a new --workdir, or the config this workdir was trained with "
+          "(config.json there).\n  " + "\n  ".join(shown))
+
+  def restore_latest(self, abstract_state) -> Tuple[Optional[Any], Optional[int]]:
+    """The newest readable checkpoint restored into `abstract_state`'s structure and shardings.
+
+    Returns (state, step), or (None, None) when there is no checkpoint. Unreadable checkpoints are
+    reported, moved to `<workdir>/checkpoints_corrupt/` and skipped.
+
+    Raises:
+      CheckpointMismatchError: the newest checkpoint's shapes do not fit `abstract_state`.
+      RuntimeError: checkpoints exist but none is readable.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    bad = []
+    for step in steps:
+      try:
+        metadata_ok = True
+        self.check_shapes(step, abstract_state)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # unreadable metadata: a corrupt checkpoint
+        metadata_ok, error = False, e
+      if metadata_ok:
+        try:
+          state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+          restored_step = int(jax.device_get(state.step.addressable_data(0)))
+          if restored_step != step:
+            raise ValueError(f"it holds step {restored_step}")
+        except Exception as e:  # truncated/missing array files, bad metadata, ...
+          error = e
+        else:
+          if bad:
+            self._move_aside(bad)
+          return state, step
+      first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+      log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one",
+                  self.path(step), type(error).__name__, first_line)
+      log.debug("restoring %s failed", self.path(step), exc_info=error)
+      bad.append(step)
+    if bad:
+      raise RuntimeError(f"no readable checkpoint in {self.directory}: steps {sorted(bad)} all "
+                         "failed to restore (see the warnings above)")
+    return None, None
+
+  def _move_aside(self, steps):
+    """Moves unreadable checkpoints out of the way, so the resumed run can save those steps."""
+    self.manager.wait_until_finished()
+    target = os.path.join(os.path.dirname(self.directory), "checkpoints_corrupt")
+    if jax.process_index() == 0:
+      os.makedirs(target, exist_ok=True)
+      for step in steps:
+        dst = os.path.join(target, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(self.path(step), dst)
+        log.warning("moved the unreadable checkpoint %s to %s", self.path(step), dst)
+    _sync("maskrcnn_jax_move_corrupt_checkpoints")
+    self.manager.reload()
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

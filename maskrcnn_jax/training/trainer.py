@@ -1,0 +1,369 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+WORKDIR/
+  config.json        the config of the run (checked against the config of a resumed run)
+  checkpoints/<step> orbax checkpoints of the whole TrainState (see `checkpoint.py`)
+  tensorboard/       scalars: train/<loss>, train/loss, train/grad_norm, train/learning_rate,
+                     train/steps_per_sec, eval/<metric>
+
+A workdir with checkpoints is resumed from the newest readable one: same step, parameters,
+optimizer state and RNG, and the data pipeline skips the batches already used, so an interrupted
+run ends with the same parameters as an uninterrupted one. SIGTERM (preemption) saves the current
+step and returns normally.
+"""
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from maskrcnn_jax.modeling.builder import build_model
+from maskrcnn_jax.training import checkpoint as ckpt_lib
+from maskrcnn_jax.training import data_source, initialization, optimizer, parallel
+from maskrcnn_jax.training.errors import ConfigError
+from maskrcnn_jax.training.train_state import TrainState
+
+log = logging.getLogger(__name__)
+
+# evaluate(step=, model=, variables=, builder=, workdir=) -> {name: float} or None
+EvaluateFn = Callable[..., Optional[Mapping[str, float]]]
+# hook(step, state, metrics, batch): called on every process after each step (and its checkpoint)
+# with the new state, the step's metrics and this process's (numpy) batch.
+Hook = Callable[[int, TrainState, Dict[str, float], Dict[str, Any]], None]
+
+
+class NonFiniteError(FloatingPointError):
+  """A loss or the gradient norm was NaN or infinite; that state was not saved."""
+
+
+def check_finite(metrics: Mapping[str, Any], step: int, last_checkpoint: Optional[int] = None):
+  """Raises NonFiniteError naming `step` and every non-finite loss / gradient norm."""
+  bad = {k: float(v) for k, v in metrics.items()
+         if (k.startswith("loss") or k == "grad_norm") and not np.isfinite(v)}
+  if bad:
+    values = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+    kept = (f"the last good checkpoint is step {last_checkpoint}" if last_checkpoint is not None
+            else "no checkpoint was written")
+    raise NonFiniteError(f"non-finite training values at step {step}: {values}; this state was "
+                         f"not saved ({kept}). Lower training.learning_rate, set "
+                         "training.clip_grad_norm, or check the data.")
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves at the current step and stops."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def any_process(self) -> bool:
+    """Whether any process was asked to stop (all processes must stop at the same step)."""
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+    return bool(np.any(flags))
+
+
+def _format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}:{m:02d}:{s:02d}"
+
+
+def progress_line(step: int, total: int, steps_per_sec: float, metrics: Mapping[str, float]):
+  """'step 20/100 | 2.31 steps/s | ETA 0:00:35 | loss 1.2345 | loss_objectness ... | lr ...'."""
+  eta = (total - step) / steps_per_sec if steps_per_sec > 0 else float("inf")
+  parts = [f"step {step}/{total}", f"{steps_per_sec:.2f} steps/s", f"ETA {_format_duration(eta)}",
+           f"loss {metrics['loss']:.4f}"]
+  parts += [f"{k} {metrics[k]:.4f}" for k in parallel.LOSS_KEYS if k in metrics]
+  parts += [f"grad_norm {metrics['grad_norm']:.3g}", f"lr {metrics['learning_rate']:.3g}"]
+  return " | ".join(parts)
+
+
+def _config_dict(config) -> Dict[str, Any]:
+  return json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") \
+      else json.loads(json.dumps(dict(config), default=str))
+
+
+def _diff(old, new, prefix=""):
+  if isinstance(old, dict) and isinstance(new, dict):
+    out = []
+    for k in sorted(set(old) | set(new)):
+      out += _diff(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")
+    return out
+  return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def _write_config(config, workdir: str):
+  """Writes WORKDIR/config.json; on resume, logs what changed since the last run."""
+  path = os.path.join(workdir, "config.json")
+  cfg = _config_dict(config)
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        old = json.load(f)
+      changes = _diff(old, cfg)
+      if changes:
+        log.warning("the config differs from the one in %s: %s", path, "; ".join(changes[:20]))
+    except (OSError, ValueError):
+      pass
+  if jax.process_index() == 0:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(cfg, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _enable_compilation_cache(training):
+  cache = training.get("compilation_cache_dir", "")
+  if cache:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+class SummaryWriter:
+  """TensorBoard scalars, on process 0 only.
+
+  Written with TF's core `tf.summary.write` and the scalars plugin's metadata, which is what
+  `tf.summary.scalar` does, without needing the tensorboard package installed.
+  """
+
+  def __init__(self, logdir: Optional[str]):
+    self._writer = None
+    if logdir and jax.process_index() == 0:
+      import tensorflow as tf
+      from tensorflow.core.framework import summary_pb2
+      self._tf = tf
+      self._metadata = summary_pb2.SummaryMetadata(
+          plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+          data_class=summary_pb2.DATA_CLASS_SCALAR)
+      self._writer = tf.summary.create_file_writer(logdir)
+
+  def scalars(self, step: int, values: Mapping[str, float], prefix: str):
+    if self._writer is None:
+      return
+    with self._writer.as_default(step=step):
+      for k, v in values.items():
+        self._tf.summary.write(f"{prefix}/{k}", self._tf.constant(float(v), self._tf.float32),
+                               metadata=self._metadata)
+
+  def flush(self):
+    if self._writer is not None:
+      self._writer.flush()
+
+
+_KNOWN = {
+    "training": {"steps", "batch_size", "learning_rate", "momentum", "weight_decay",
+                 "weight_decay_norm_and_bias", "schedule", "decay_steps", "decay_factor",
+                 "min_lr_factor", "warmup_steps", "warmup_factor", "clip_grad_norm",
+                 "frozen_stages", "seed", "log_every", "checkpoint_every", "keep_checkpoints",
+                 "eval_every", "async_checkpointing", "compilation_cache_dir", "distributed"},
+    "training.distributed": {"enabled", "coordinator_address", "num_processes", "process_id",
+                             "local_device_ids", "cpu_collectives"},
+    "data": {"dataset", "root", "tfds_dir", "prepare_workers", "cache_dir", "shapes",
+             "train_split", "eval_split", "image_size", "resize", "min_size", "max_size",
+             "scale_range", "flip_prob", "max_instances", "max_crowd_instances",
+             "mask_crop_size", "shuffle_buffer", "seed"},
+    "data.shapes": set(data_source.SHAPES_KEYS),
+    "init": {"torchvision_checkpoint", "imagenet_resnet"},
+}
+
+
+def validate_config(config):
+  """Unknown keys in the training, data and init sections are errors (typos would otherwise be
+  silently ignored); `config.model` is checked by `build_model`."""
+  for section, known in _KNOWN.items():
+    node = config
+    for part in section.split("."):
+      node = node.get(part) if node is not None else None
+    if node is None:
+      if section in ("training", "data"):
+        raise ConfigError(f"the config has no '{section}' section (see configs/base.py)")
+      continue
+    unknown = set(node.keys()) - known
+    if unknown:
+      raise ConfigError(f"config.{section} has unknown keys {sorted(unknown)}; known: "
+                        f"{sorted(known)}")
+  data_source.validate(config.data)
+  for key, path in dict(config.get("init", {}) or {}).items():
+    if path and not os.path.isfile(os.path.expanduser(path)):
+      raise ConfigError(f"config.init.{key}={path!r}: no such file")
+
+
+_SummaryWriter = SummaryWriter  # the name eval.py imports
+
+
+def _check_batch(training) -> int:
+  """The per-process batch size; the global one must split evenly over processes and devices."""
+  global_batch = int(training.batch_size)
+  n_dev, n_proc = jax.device_count(), jax.process_count()
+  if global_batch % n_dev:
+    raise ConfigError(f"training.batch_size={global_batch} (global) must be a multiple of the "
+                      f"device count {n_dev}")
+  return global_batch // n_proc
+
+
+def abstract_train_state(model, tx_fn, mesh) -> TrainState:
+  """The TrainState's shapes, dtypes and (replicated) shardings, without computing anything."""
+  def make():
+    variables = initialization.random_variables(model, 0)
+    return TrainState.create(variables, tx_fn(variables["params"]))
+  shapes = jax.eval_shape(make)
+  sharding = parallel.replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def train_and_evaluate(config, workdir: str, *, evaluate: Optional[EvaluateFn] = None,
+                       hooks: Iterable[Hook] = ()) -> TrainState:
+  """Trains `config` in `workdir` (resuming it if it holds checkpoints); returns the final state.
+
+  Args:
+    config: an ml_collections ConfigDict with `model`, `training`, `data` and `init` sections (see
+      configs/base.py).
+    workdir: output folder (created if needed).
+    evaluate: optional callback, called on every process every `training.eval_every` steps and at
+      the end as `evaluate(step=, model=, variables=, builder=, workdir=)`; a returned mapping of
+      floats goes to TensorBoard under 'eval/' and to the console.
+    hooks: callables `hook(step, state, metrics, batch)` run after each step (after its
+      checkpoint was started), e.g. for profiling or tests; `batch` is this process's numpy batch.
+
+  Raises:
+    NonFiniteError: a loss or the gradient norm stopped being finite (nothing of it is saved).
+    checkpoint.CheckpointMismatchError: the workdir's checkpoint does not fit the config.
+  """
+  validate_config(config)
+  training = config.training
+  parallel.maybe_initialize_distributed(training)
+  _enable_compilation_cache(training)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  _write_config(config, workdir)
+  is_main = jax.process_index() == 0
+  say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
+
+  model = build_model(config.model)
+  mesh = parallel.make_mesh()
+  per_process_batch = _check_batch(training)
+  total_steps = int(training.steps)
+  tx_fn = lambda params: optimizer.make_optimizer(training, params)
+  abstract = abstract_train_state(model, tx_fn, mesh)
+  tx = tx_fn(abstract.params)
+
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       keep=int(training.get("keep_checkpoints", 3)),
+                                       async_save=bool(training.get("async_checkpointing", True)))
+  preemption = _Preemption().__enter__()  # SIGTERM from here on stops at the next step boundary
+  try:
+    state, restored_step = checkpointer.restore_latest(abstract)
+    if state is None:
+      init_cfg = config.get("init", {})
+      if int(training.get("frozen_stages", 0)) > 0 and not any(dict(init_cfg or {}).values()):
+        log.warning("training.frozen_stages=%d freezes randomly initialized layers (no "
+                    "config.init weights given); use frozen_stages=0 to train from scratch",
+                    int(training.frozen_stages))
+      variables = initialization.initial_variables(model, init_cfg, int(training.get("seed", 0)))
+      variables.pop("init_report", None)
+      if jax.process_count() > 1:  # every process must start from the very same values
+        variables = multihost_utils.broadcast_one_to_all(jax.device_get(variables))
+      state = parallel.replicate(
+          TrainState.create(variables, tx, seed=int(training.get("seed", 0))), mesh)
+      start = 0
+      say(f"training from scratch in {workdir}: {total_steps} steps, global batch "
+          f"{int(training.batch_size)} over {jax.device_count()} device(s) and "
+          f"{jax.process_count()} process(es)")
+    else:
+      start = int(restored_step)
+      say(f"resumed {workdir} from step {start} ({checkpointer.path(start)})")
+
+    builder = data_source.prepare_builder(config.data)
+    data_seed = int(config.data.get("seed", training.get("seed", 0)))
+    batches = data_source.train_iterator(builder, config.data, per_process_batch, start,
+                                         data_seed)
+    step_fn = parallel.make_parallel_step(
+        parallel.make_train_step(model, tx, optimizer.learning_rate_schedule(training),
+                                 optimizer.trainable_mask(abstract.params,
+                                                          training.get("frozen_stages", 0))),
+        mesh)
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    log_every = max(1, int(training.get("log_every", 10)))
+    ckpt_every = int(training.get("checkpoint_every", 1000))
+    eval_every = int(training.get("eval_every", 0))
+    last_saved = restored_step
+    hooks = list(hooks)
+
+    def run_evaluate(step):
+      if evaluate is None:
+        return
+      results = evaluate(step=step, model=model, variables=state.variables, builder=builder,
+                         workdir=workdir)
+      if results:
+        writer.scalars(step, results, "eval")
+        say(f"eval at step {step}: " + ", ".join(f"{k} {float(v):.4f}"
+                                                  for k, v in sorted(results.items())))
+
+    # steps/s over the steps since the last progress line (the first step, which compiles, and
+    # evaluations are left out).
+    window_start, window_steps = time.time(), 0
+    step = start
+    while step < total_steps:
+      local_batch = next(batches)
+      t = time.time()
+      state, metrics = step_fn(state, parallel.global_batch(local_batch, mesh))
+      metrics = {k: float(v) for k, v in parallel.to_host(metrics).items()}
+      step += 1
+      if step == start + 1:
+        say(f"first step (with compilation) took {time.time() - t:.1f}s")
+        window_start, window_steps = time.time(), 0
+      else:
+        window_steps += 1
+      check_finite(metrics, step, last_saved)
+      if step % log_every == 0 or step == total_steps:
+        elapsed = time.time() - window_start
+        rate = window_steps / elapsed if elapsed > 0 and window_steps else 0.0
+        say(progress_line(step, total_steps, rate, metrics))
+        writer.scalars(step, dict(metrics, steps_per_sec=rate), "train")
+        window_start, window_steps = time.time(), 0
+      saved = False
+      if (ckpt_every > 0 and step % ckpt_every == 0) or step == total_steps:
+        saved = checkpointer.save(step, state)
+        last_saved = step
+      for hook in hooks:
+        hook(step, state, metrics, local_batch)
+      if eval_every > 0 and (step % eval_every == 0 or step == total_steps):
+        run_evaluate(step)
+        window_start, window_steps = time.time(), 0
+      if preemption.any_process():
+        if not saved:
+          checkpointer.save(step, state)
+        checkpointer.wait()
+        say(f"preempted (SIGTERM): saved step {step} in {checkpointer.path(step)}; rerun the "
+            "same command to resume")
+        break
+    writer.flush()
+    checkpointer.wait()
+    return state
+  finally:
+    preemption.__exit__(None, None, None)
+    checkpointer.close()

@@ -1,0 +1,87 @@
+"""Trains Mask R-CNN: `python train.py --config configs/shapes.py --workdir /tmp/shapes`.
+
+Override any config field on the command line, e.g. `--config.training.steps=100`. Rerunning
+with the same --workdir resumes from its newest checkpoint.
+"""
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Folder for checkpoints, TensorBoard logs and config.json.")
+
+
+def _fail(message: str):
+  print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _check_workdir(workdir: str):
+  path = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write_test_{os.getpid()}")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    _fail(f"cannot write to --workdir {workdir!r}: {e.strerror or e}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}")
+  if FLAGS.workdir is None:
+    _fail("--workdir is required")
+  _check_workdir(FLAGS.workdir)
+  config = FLAGS.config
+
+  # TensorFlow only feeds the input pipeline: keep it off the accelerators jax uses.
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")
+  logging.getLogger().setLevel(logging.WARNING)  # absl sets INFO: jax's, orbax's, tfds's chatter
+  logging.getLogger("maskrcnn_jax").setLevel(logging.INFO)
+  from maskrcnn_jax.training import checkpoint, errors, trainer
+  try:
+    evaluate = None
+    if int(config.training.get("eval_every", 0)) > 0:
+      from maskrcnn_jax.evaluation.evaluator import make_training_evaluator
+      evaluate = make_training_evaluator(config)
+    trainer.train_and_evaluate(config, FLAGS.workdir, evaluate=evaluate)
+  except (trainer.NonFiniteError, checkpoint.CheckpointMismatchError, errors.ConfigError) as e:
+    _fail(str(e))
+
+
+def _parse_flags(argv):
+  """absl's parser, with config overrides of unknown fields reported in one line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e))
+  except (AttributeError, KeyError) as e:  # ml_collections: --config.<field that does not exist>
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    _fail(f"unknown config field in {' '.join(bad)} ({e})")
+
+
+def _config_file_from_argv(argv):
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+  return None
+
+
+if __name__ == "__main__":
+  # config_flags reports a missing or broken config file with a long traceback: check first.
+  path = _config_file_from_argv(sys.argv[1:])
+  if path is None:
+    _fail("--config is required, e.g. --config configs/shapes.py")
+  if not os.path.isfile(path.split(":", 1)[0]):
+    _fail(f"config file not found: {path}")
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from configs import base`
+  app.run(main, flags_parser=_parse_flags)
