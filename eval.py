@@ -165,8 +165,8 @@ def main(argv):
 
 
 def _run():
-  from train import _config_file_from_argv, _fail
-  path = _config_file_from_argv(sys.argv[1:])
+  from maskrcnn_jax.cli import config_file_from_argv, fail as _fail
+  path = config_file_from_argv(sys.argv[1:])
   if path is None:
     _fail("--config is required, e.g. --config configs/shapes.py")
   if not os.path.isfile(path.split(":", 1)[0]):

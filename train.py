@@ -10,14 +10,13 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from maskrcnn_jax.cli import config_file_from_argv, fail as _fail
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, TensorBoard logs and config.json.")
 
 
-def _fail(message: str):
-  print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def _check_workdir(workdir: str):
@@ -67,18 +66,10 @@ def _parse_flags(argv):
     _fail(f"unknown config field in {' '.join(bad)} ({e})")
 
 
-def _config_file_from_argv(argv):
-  for i, arg in enumerate(argv):
-    if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-    if arg.startswith("--config="):
-      return arg.split("=", 1)[1]
-  return None
-
 
 if __name__ == "__main__":
   # config_flags reports a missing or broken config file with a long traceback: check first.
-  path = _config_file_from_argv(sys.argv[1:])
+  path = config_file_from_argv(sys.argv[1:])
   if path is None:
     _fail("--config is required, e.g. --config configs/shapes.py")
   if not os.path.isfile(path.split(":", 1)[0]):
