@@ -20,6 +20,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import proc_status_mb  # noqa: E402
+
 IMAGE_H, IMAGE_W = 800, 1216
 SCALE = 0.25
 CHANNELS = 256
@@ -113,17 +116,6 @@ def torch_fns(features, boxes, cotangent):
   return forward, forward_backward, None
 
 
-def _proc_status_mb(field: str):
-  """A `VmXXX` field of /proc/self/status in MB, or None off Linux."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith(field + ":"):
-          return int(line.split()[1]) / 1024.0
-  except OSError:
-    pass
-  return None
-
 
 def measure_memory(side: str) -> dict:
   """Child process: resident memory around forward + backward on one side, in MB.
@@ -141,12 +133,12 @@ def measure_memory(side: str) -> dict:
   try:
     with open("/proc/self/clear_refs", "w") as f:
       f.write("5")  # Resets VmHWM to the current RSS.
-    before = _proc_status_mb("VmRSS")
+    before = proc_status_mb("VmRSS")
   except OSError:
     before = None
   fns[1]()
-  run = None if before is None else _proc_status_mb("VmHWM") - before
-  peak = _proc_status_mb("VmHWM")
+  run = None if before is None else proc_status_mb("VmHWM") - before
+  peak = proc_status_mb("VmHWM")
   if peak is None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
   return {"peak_mb": peak, "run_mb": run, "xla_temp_mb": fns[2]}
