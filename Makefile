@@ -2,28 +2,37 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+CKSUM := $(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(CKSUM)
+TEST_STAMP := $(VENV)/.installed-test-$(CKSUM)
 PYTEST_ARGS ?=
 
 .PHONY: install test test-fast demo bench clean
 
 DEMO_DIR ?= outputs/demo
 
+# The package and its runtime dependencies (what `make demo` needs).
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	rm -f $(VENV)/.installed-*
+	$(PY) -m pip install --quiet -e .
+	rm -f $(VENV)/.installed-[0-9]*
 	touch $(STAMP)
+
+# Plus the test extras (pytest; torch and torchvision for the side-by-side checks).
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-test-*
+	touch $(TEST_STAMP)
 
 install: $(STAMP)
 
 # Installs what the tests need (torch/torchvision are test-only) and runs the whole suite.
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Skips the slow and side-by-side tests.
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -m "not slow and not reference" $(PYTEST_ARGS)
 
 # The main job: generate + build the synthetic shapes data, train configs/shapes.py on the CPU,
@@ -33,7 +42,7 @@ demo: $(STAMP)
 	$(PY) eval.py --config configs/shapes.py --workdir $(DEMO_DIR) --num_pictures 8
 	$(PY) -m maskrcnn_jax.evaluation.curves $(DEMO_DIR)
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) benchmarks/bench_inference.py
 	$(PY) benchmarks/bench_roi_align.py
 

@@ -1,6 +1,7 @@
 """Evaluates Mask R-CNN with COCO box and mask AP, or predicts on image files.
 
     python eval.py --config configs/shapes.py --workdir /tmp/shapes          # newest checkpoint
+    python eval.py --config configs/shapes.py --checkpoint /tmp/shapes/checkpoints/1000
     python eval.py --config configs/shapes.py --torchvision_weights w.pth     # converted weights
     python eval.py --config configs/shapes.py --workdir /tmp/shapes --images photos/ --out_dir out
 
@@ -18,6 +19,8 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "A training workdir: its newest checkpoint is evaluated.")
+flags.DEFINE_string("checkpoint", None,
+                    "One checkpoint folder, WORKDIR/checkpoints/STEP, to evaluate instead.")
 flags.DEFINE_string("torchvision_weights", None,
                     "A torchvision Mask R-CNN state_dict (.pth) to convert and evaluate instead.")
 flags.DEFINE_string("split", None, "Dataset split (default config.data.eval_split or validation).")
@@ -32,30 +35,52 @@ class UsageError(Exception):
   pass
 
 
-def _restore(config, workdir):
-  """Model and variables from the newest checkpoint in `workdir` (built from `config`)."""
+def _restore(config, ckpt_dir, step=None):
+  """Model, variables and step of checkpoint `step` (default: the newest readable one) in
+  `ckpt_dir` (WORKDIR/checkpoints), restored for the model built from `config`."""
   import jax
   from maskrcnn_jax.modeling import build_model
   from maskrcnn_jax.training import checkpoint, optimizer, parallel, trainer
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise UsageError(f"--workdir {workdir!r} has no checkpoints/ folder (train first, or pass "
-                     "--torchvision_weights)")
   model = build_model(config.model)
   mesh = parallel.make_mesh(jax.devices()[:1])
   abstract = trainer.abstract_train_state(
       model, lambda p: optimizer.make_optimizer(config.training, p), mesh)
   ckpt = checkpoint.Checkpointer(ckpt_dir, async_save=False)
   try:
-    state, step = ckpt.restore_latest(abstract)
-  except RuntimeError as e:  # checkpoints exist, none readable
+    if step is None:
+      state, step = ckpt.restore_latest(abstract)
+    else:
+      state = ckpt.restore(step, abstract)
+  except (RuntimeError, FileNotFoundError) as e:  # checkpoints exist, none readable
     raise UsageError(str(e)) from None
   finally:
     ckpt.close()
   if state is None:
-    raise UsageError(f"--workdir {workdir!r} holds no checkpoint yet")
-  print(f"evaluating {workdir} at step {step}")
+    raise UsageError(f"{os.path.dirname(ckpt_dir)!r} holds no checkpoint yet")
+  print(f"evaluating {ckpt_dir} at step {step}")
   return model, jax.device_get(state.variables), int(step)
+
+
+def _checkpoint_source():
+  """(checkpoints folder, step or None, workdir) from --workdir or --checkpoint."""
+  if FLAGS.workdir is not None:
+    workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
+    if not os.path.isdir(workdir):
+      raise UsageError(f"--workdir {FLAGS.workdir!r} does not exist")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+      raise UsageError(f"--workdir {FLAGS.workdir!r} has no checkpoints/ folder (train first, or "
+                       "pass --torchvision_weights)")
+    return ckpt_dir, None, workdir
+  path = os.path.abspath(os.path.expanduser(FLAGS.checkpoint)).rstrip(os.sep)
+  if not os.path.isdir(path):
+    raise UsageError(f"--checkpoint {FLAGS.checkpoint!r} does not exist")
+  name = os.path.basename(path)
+  if not name.isdigit():
+    raise UsageError(f"--checkpoint {FLAGS.checkpoint!r} is not a checkpoint folder "
+                     "(WORKDIR/checkpoints/STEP)")
+  ckpt_dir = os.path.dirname(path)
+  return ckpt_dir, int(name), os.path.dirname(ckpt_dir)
 
 
 def _load_images(paths):
@@ -87,28 +112,32 @@ def main(argv):
   if len(argv) > 1:
     raise UsageError(f"unexpected arguments {argv[1:]}")
   config = FLAGS.config
-  if (FLAGS.workdir is None) == (FLAGS.torchvision_weights is None):
-    raise UsageError("pass exactly one of --workdir and --torchvision_weights")
+  sources = [f for f in ("workdir", "checkpoint", "torchvision_weights") if FLAGS[f].value]
+  if len(sources) != 1:
+    raise UsageError("pass exactly one of --workdir, --checkpoint and --torchvision_weights")
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
   import jax
   from maskrcnn_jax.evaluation import evaluator, inference
+  from maskrcnn_jax.evaluation.coco_eval import encode_mask
   from maskrcnn_jax.evaluation.visualize import draw_predictions
 
-  if FLAGS.workdir is not None:
-    workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
-    if not os.path.isdir(workdir):
-      raise UsageError(f"--workdir {FLAGS.workdir!r} does not exist")
-    model, variables, step = _restore(config, workdir)
-    default_out = os.path.join(workdir, "eval", "final")
+  workdir = None
+  if FLAGS.torchvision_weights is None:
+    ckpt_dir, step, workdir = _checkpoint_source()
+    model, variables, step = _restore(config, ckpt_dir, step)
+    default_out = os.path.join(workdir, "eval", "final" if FLAGS.workdir else f"step_{step}")
     label_map = None
   else:
     from maskrcnn_jax.convert import from_torchvision
     if not os.path.isfile(FLAGS.torchvision_weights):
       raise UsageError(f"--torchvision_weights {FLAGS.torchvision_weights!r} does not exist")
-    model, variables = from_torchvision(FLAGS.torchvision_weights,
-                                        num_classes=int(config.model.num_classes),
-                                        model_config=config.model)
+    try:
+      model, variables = from_torchvision(FLAGS.torchvision_weights,
+                                          num_classes=int(config.model.num_classes),
+                                          model_config=config.model)
+    except (ValueError, TypeError, KeyError) as e:  # not a state_dict, or not of this model
+      raise UsageError(f"--torchvision_weights {FLAGS.torchvision_weights!r}: {e}") from None
     default_out = os.path.abspath("eval_out")
     # torchvision's classes are COCO category ids; names are not known here.
     label_map = ({k: k for k in range(1, int(config.model.num_classes))},
@@ -130,7 +159,6 @@ def main(argv):
     for i, (image, name, res) in enumerate(zip(images, names, results)):
       for r in range(len(res["scores"])):
         x1, y1, x2, y2 = (float(v) for v in res["boxes"][r])
-        from maskrcnn_jax.evaluation.coco_eval import encode_mask
         records.append(dict(file_name=name, image_id=i, category_id=int(res["labels"][r]),
                             bbox=[x1, y1, x2 - x1, y2 - y1], score=float(res["scores"][r]),
                             segmentation=encode_mask(res["masks"][r] > 0.5)))
@@ -149,13 +177,16 @@ def main(argv):
   kwargs = {}
   if label_map is not None:
     kwargs = dict(label_to_category=label_map[0], class_names=label_map[1])
-  summary = evaluator.evaluate_split(
-      model, variables, builder, split, min_size=int(inp.min_size), max_size=int(inp.max_size),
-      bucket=int(inp.bucket), batch_size=int(inp.batch_size), max_images=FLAGS.max_images,
-      out_dir=out_dir, num_pictures=FLAGS.num_pictures, **kwargs)
+  try:
+    summary = evaluator.evaluate_split(
+        model, variables, builder, split, min_size=int(inp.min_size), max_size=int(inp.max_size),
+        bucket=int(inp.bucket), batch_size=int(inp.batch_size), max_images=FLAGS.max_images,
+        out_dir=out_dir, num_pictures=FLAGS.num_pictures, **kwargs)
+  except evaluator.SplitError as e:  # unknown or empty split
+    raise UsageError(str(e)) from None
   print(f"compiled the forward pass {inference.TRACE_COUNTS['forward'] - before} time(s) for "
         f"{summary['num_images']} images")
-  if FLAGS.workdir is not None and jax.process_index() == 0:
+  if workdir is not None and jax.process_index() == 0:
     from maskrcnn_jax.training.trainer import _SummaryWriter
     writer = _SummaryWriter(os.path.join(workdir, "tensorboard"))
     writer.scalars(step, {f"{t}/{k}": summary[t][k] for t in ("bbox", "segm")
@@ -165,17 +196,14 @@ def main(argv):
 
 
 def _run():
-  from maskrcnn_jax.cli import config_file_from_argv, fail as _fail
-  path = config_file_from_argv(sys.argv[1:])
-  if path is None:
-    _fail("--config is required, e.g. --config configs/shapes.py")
-  if not os.path.isfile(path.split(":", 1)[0]):
-    _fail(f"config file not found: {path}")
+  from maskrcnn_jax.cli import check_config_file, fail, parse_flags
+  check_config_file(sys.argv[1:])
   from maskrcnn_jax.training.checkpoint import CheckpointMismatchError
+  from maskrcnn_jax.training.errors import ConfigError
   try:
-    app.run(main)
-  except (UsageError, CheckpointMismatchError) as e:
-    _fail(str(e))
+    app.run(main, flags_parser=parse_flags)
+  except (UsageError, CheckpointMismatchError, ConfigError) as e:
+    fail(str(e))
 
 
 if __name__ == "__main__":

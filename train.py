@@ -10,13 +10,11 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from maskrcnn_jax.cli import config_file_from_argv, fail as _fail
+from maskrcnn_jax.cli import check_config_file, fail as _fail, parse_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, TensorBoard logs and config.json.")
-
-
 
 
 def _check_workdir(workdir: str):
@@ -55,24 +53,7 @@ def main(argv):
     _fail(str(e))
 
 
-def _parse_flags(argv):
-  """absl's parser, with config overrides of unknown fields reported in one line."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e))
-  except (AttributeError, KeyError) as e:  # ml_collections: --config.<field that does not exist>
-    bad = [a for a in argv[1:] if a.startswith("--config.")]
-    _fail(f"unknown config field in {' '.join(bad)} ({e})")
-
-
-
 if __name__ == "__main__":
-  # config_flags reports a missing or broken config file with a long traceback: check first.
-  path = config_file_from_argv(sys.argv[1:])
-  if path is None:
-    _fail("--config is required, e.g. --config configs/shapes.py")
-  if not os.path.isfile(path.split(":", 1)[0]):
-    _fail(f"config file not found: {path}")
+  check_config_file(sys.argv[1:])
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from configs import base`
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)

@@ -17,3 +17,26 @@ def config_file_from_argv(argv):
     if arg.startswith("--config="):
       return arg.split("=", 1)[1]
   return None
+
+
+def check_config_file(argv):
+  """Fails in one line when --config is absent or names no file (config_flags would report
+  either with a long traceback)."""
+  path = config_file_from_argv(argv)
+  if path is None:
+    fail("--config is required, e.g. --config configs/shapes.py")
+  if not os.path.isfile(path.split(":", 1)[0]):
+    fail(f"config file not found: {path}")
+
+
+def parse_flags(argv):
+  """absl's flag parser for `app.run(..., flags_parser=parse_flags)`, with a bad flag or a
+  config override of a field that does not exist reported in one line."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e))
+  except (AttributeError, KeyError) as e:  # ml_collections: --config.<field that does not exist>
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    fail(f"unknown config field in {' '.join(bad)} ({e})")

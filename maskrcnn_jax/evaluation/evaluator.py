@@ -11,6 +11,10 @@ from maskrcnn_jax.evaluation.inference import predict
 from maskrcnn_jax.evaluation.visualize import draw_predictions
 
 
+class SplitError(ValueError):
+  """The split to evaluate does not exist or holds no decodable image."""
+
+
 def load_label_map(builder):
   """(label_to_category {model class -> COCO category id}, class_names [background, ...])."""
   from maskrcnn_jax.data.builder import load_categories
@@ -82,15 +86,15 @@ def evaluate_split(model, variables, builder, split: str, *, min_size: int, max_
     {'bbox': {...12 stats, per_category}, 'segm': {...}, 'num_images', 'skipped': [...]}.
 
   Raises:
-    ValueError: an empty split (nothing to evaluate).
+    SplitError: an unknown or empty split, or one whose images all fail to decode.
   """
   try:
     num = builder.info.splits[split].num_examples
   except (KeyError, ValueError) as err:
-    raise ValueError(f"split {split!r} is not in the dataset (splits: "
+    raise SplitError(f"split {split!r} is not in the dataset (splits: "
                      f"{sorted(builder.info.splits)}): {err}") from None
   if num == 0:
-    raise ValueError(f"split {split!r} has no images to evaluate")
+    raise SplitError(f"split {split!r} has no images to evaluate")
   if label_to_category is None or class_names is None:
     l2c, names = load_label_map(builder)
     label_to_category = label_to_category if label_to_category is not None else l2c
@@ -123,7 +127,7 @@ def evaluate_split(model, variables, builder, split: str, *, min_size: int, max_
       flush()
   flush()
   if not images_meta:
-    raise ValueError(f"split {split!r} has no images to evaluate"
+    raise SplitError(f"split {split!r} has no images to evaluate"
                      + (f" ({len(skipped)} failed to decode)" if skipped else ""))
   if gt_json is None:
     from pycocotools.coco import COCO

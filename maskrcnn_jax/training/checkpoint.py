@@ -53,6 +53,12 @@ def _flat_shapes(tree, serialize: bool = False):
   return out
 
 
+def _first_line(error: BaseException) -> str:
+  """'TypeName: first line of the message' (at most 300 characters of it)."""
+  first = (str(error).strip().splitlines() or [""])[0][:300]
+  return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
 class Checkpointer:
   """Saves and restores `TrainState`s under `directory` (WORKDIR/checkpoints)."""
 
@@ -133,25 +139,49 @@ class Checkpointer:
         metadata_ok, error = False, e
       if metadata_ok:
         try:
-          state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-          restored_step = int(jax.device_get(state.step.addressable_data(0)))
-          if restored_step != step:
-            raise ValueError(f"it holds step {restored_step}")
+          state = self._restore_arrays(step, abstract_state)
         except Exception as e:  # truncated/missing array files, bad metadata, ...
           error = e
         else:
           if bad:
             self._move_aside(bad)
           return state, step
-      first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-      log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one",
-                  self.path(step), type(error).__name__, first_line)
+      log.warning("checkpoint %s is unreadable (%s); trying the previous one", self.path(step),
+                  _first_line(error))
       log.debug("restoring %s failed", self.path(step), exc_info=error)
       bad.append(step)
     if bad:
       raise RuntimeError(f"no readable checkpoint in {self.directory}: steps {sorted(bad)} all "
                          "failed to restore (see the warnings above)")
     return None, None
+
+  def restore(self, step: int, abstract_state):
+    """Checkpoint `step` restored into `abstract_state`'s structure and shardings (no fallback).
+
+    Raises:
+      CheckpointMismatchError: its shapes do not fit `abstract_state`.
+      FileNotFoundError: there is no checkpoint `step`.
+      RuntimeError: it cannot be read (the first line of the reason is in the message).
+    """
+    if step not in self.manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint {self.path(step)} (steps here: {self.steps()})")
+    try:
+      self.check_shapes(step, abstract_state)
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:
+      raise RuntimeError(f"checkpoint {self.path(step)} is unreadable: {_first_line(e)}") from e
+    try:
+      return self._restore_arrays(step, abstract_state)
+    except Exception as e:
+      raise RuntimeError(f"checkpoint {self.path(step)} is unreadable: {_first_line(e)}") from e
+
+  def _restore_arrays(self, step: int, abstract_state):
+    state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    restored_step = int(jax.device_get(state.step.addressable_data(0)))
+    if restored_step != step:
+      raise ValueError(f"it holds step {restored_step}")
+    return state
 
   def _move_aside(self, steps):
     """Moves unreadable checkpoints out of the way, so the resumed run can save those steps."""
