@@ -54,7 +54,8 @@ def data_config() -> ml_collections.ConfigDict:
   d.prepare_workers = 1          # processes preparing the tfds dataset (first use only)
   d.cache_dir = ""               # shapes: "" = ~/.cache/maskrcnn_jax/shapes-<hash of shapes>
   d.shapes = ml_collections.ConfigDict(dict(num_train=1000, num_val=100, seed=0, image_size=128,
-                                            min_objects=1, max_objects=6))
+                                            min_objects=1, max_objects=6,
+                                            min_visible_fraction=0.5))
   d.train_split = "train"
   d.eval_split = "validation"
   d.image_size = (1344, 1344)    # padded (height, width), multiples of 32

@@ -25,7 +25,8 @@ from maskrcnn_jax.data.shapes import generate_shapes
 from maskrcnn_jax.training.errors import ConfigError
 
 DEFAULT_CACHE = os.path.join("~", ".cache", "maskrcnn_jax")
-SHAPES_KEYS = ("num_train", "num_val", "seed", "image_size", "min_objects", "max_objects")
+SHAPES_KEYS = ("num_train", "num_val", "seed", "image_size", "min_objects", "max_objects",
+               "min_visible_fraction")
 
 
 @contextlib.contextmanager
@@ -40,15 +41,16 @@ def _file_lock(path):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def shapes_params(data: Mapping[str, Any]) -> Dict[str, int]:
+def shapes_params(data: Mapping[str, Any]) -> Dict[str, Any]:
   shapes = dict(data.get("shapes", {}))
   unknown = set(shapes) - set(SHAPES_KEYS)
   if unknown:
     raise ConfigError(f"config.data.shapes has unknown keys {sorted(unknown)}; "
                       f"known: {list(SHAPES_KEYS)}")
   defaults = dict(num_train=1000, num_val=100, seed=0, image_size=128, min_objects=1,
-                  max_objects=6)
-  defaults.update({k: int(v) for k, v in shapes.items()})
+                  max_objects=6, min_visible_fraction=0.5)
+  defaults.update({k: float(v) if k == "min_visible_fraction" else int(v)
+                   for k, v in shapes.items()})
   return defaults
 
 
@@ -72,7 +74,8 @@ def _ensure_shapes(data: Mapping[str, Any]):
       shutil.rmtree(tmp, ignore_errors=True)
       generate_shapes(tmp, params["num_train"], params["num_val"], params["seed"],
                       params["image_size"], min_objects=params["min_objects"],
-                      max_objects=params["max_objects"])
+                      max_objects=params["max_objects"],
+                      min_visible_fraction=params["min_visible_fraction"])
       with open(os.path.join(tmp, "shapes.json"), "w") as f:
         json.dump(params, f)
       shutil.rmtree(root, ignore_errors=True)

@@ -87,3 +87,19 @@ def test_json_is_valid_coco(shapes_folder):
   ids = [a["id"] for a in data["annotations"]]
   assert len(ids) == len(set(ids))
   assert all(isinstance(a["segmentation"]["counts"], str) for a in data["annotations"])
+
+
+def test_objects_hidden_beyond_the_visible_fraction_are_dropped():
+  fractions, counts = {}, {}
+  for threshold in (0.1, 0.5):
+    fractions[threshold], counts[threshold] = [], 0
+    for i in range(30):
+      _, objects = shapes.render_image(4, "val", i, image_size=64, min_objects=6, max_objects=6,
+                                       min_visible_fraction=threshold)
+      counts[threshold] += len(objects)
+      fractions[threshold] += [o["visible_fraction"] for o in objects]
+      for o in objects:  # the fraction reported is the visible mask over a shape of that size
+        assert o["mask"].sum() > 0 and 0 < o["visible_fraction"] <= 1
+  assert min(fractions[0.5]) >= 0.5
+  assert min(fractions[0.1]) < 0.5          # the lower threshold does keep half-hidden objects
+  assert counts[0.5] < counts[0.1]
