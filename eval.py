@@ -45,7 +45,7 @@ def _restore(config, ckpt_dir, step=None):
   mesh = parallel.make_mesh(jax.devices()[:1])
   abstract = trainer.abstract_train_state(
       model, lambda p: optimizer.make_optimizer(config.training, p), mesh)
-  ckpt = checkpoint.Checkpointer(ckpt_dir, async_save=False)
+  ckpt = checkpoint.Checkpointer(ckpt_dir, read_only=True)
   try:
     if step is None:
       state, step = ckpt.restore_latest(abstract)
@@ -115,6 +115,8 @@ def main(argv):
   sources = [f for f in ("workdir", "checkpoint", "torchvision_weights") if FLAGS[f].value]
   if len(sources) != 1:
     raise UsageError("pass exactly one of --workdir, --checkpoint and --torchvision_weights")
+  from maskrcnn_jax.cli import quiet_logs
+  quiet_logs()
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
   import jax

@@ -3,14 +3,13 @@
 Override any config field on the command line, e.g. `--config.training.steps=100`. Rerunning
 with the same --workdir resumes from its newest checkpoint.
 """
-import logging
 import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from maskrcnn_jax.cli import check_config_file, fail as _fail, parse_flags
+from maskrcnn_jax.cli import check_config_file, fail as _fail, parse_flags, quiet_logs
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
@@ -37,11 +36,10 @@ def main(argv):
   _check_workdir(FLAGS.workdir)
   config = FLAGS.config
 
+  quiet_logs()
   # TensorFlow only feeds the input pipeline: keep it off the accelerators jax uses.
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
-  logging.getLogger().setLevel(logging.WARNING)  # absl sets INFO: jax's, orbax's, tfds's chatter
-  logging.getLogger("maskrcnn_jax").setLevel(logging.INFO)
   from maskrcnn_jax.training import checkpoint, errors, trainer
   try:
     evaluate = None

@@ -40,3 +40,12 @@ def parse_flags(argv):
   except (AttributeError, KeyError) as e:  # ml_collections: --config.<field that does not exist>
     bad = [a for a in argv[1:] if a.startswith("--config.")]
     fail(f"unknown config field in {' '.join(bad)} ({e})")
+
+
+def quiet_logs():
+  """Keeps the console to our progress and results: TensorFlow's C++ notices off (call before
+  TensorFlow is imported), jax's/orbax's/tfds's Python INFO chatter off (absl turns it on)."""
+  import logging
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  logging.getLogger().setLevel(logging.WARNING)
+  logging.getLogger("maskrcnn_jax").setLevel(logging.INFO)

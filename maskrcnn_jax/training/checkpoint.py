@@ -62,12 +62,21 @@ def _first_line(error: BaseException) -> str:
 class Checkpointer:
   """Saves and restores `TrainState`s under `directory` (WORKDIR/checkpoints)."""
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
+    """`read_only` (evaluation): never creates, cleans up, moves or saves anything."""
     self.directory = os.path.abspath(directory)
-    self._report_partial_saves()
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=int(keep) if keep else None, create=True, cleanup_tmp_directories=True,
-        enable_async_checkpointing=bool(async_save))
+    self.read_only = bool(read_only)
+    if not self.read_only:
+      self._report_partial_saves()
+    if self.read_only:
+      options = ocp.CheckpointManagerOptions(
+          read_only=True, create=False, cleanup_tmp_directories=False, max_to_keep=None,
+          save_interval_steps=0, enable_async_checkpointing=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=int(keep) if keep else None, create=True, cleanup_tmp_directories=True,
+          enable_async_checkpointing=bool(async_save))
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_handlers=ocp.StandardCheckpointHandler())
 
@@ -121,7 +130,7 @@ class Checkpointer:
     """The newest readable checkpoint restored into `abstract_state`'s structure and shardings.
 
     Returns (state, step), or (None, None) when there is no checkpoint. Unreadable checkpoints are
-    reported, moved to `<workdir>/checkpoints_corrupt/` and skipped.
+    reported, moved to `<workdir>/checkpoints_corrupt/` (unless read-only) and skipped.
 
     Raises:
       CheckpointMismatchError: the newest checkpoint's shapes do not fit `abstract_state`.
@@ -143,7 +152,7 @@ class Checkpointer:
         except Exception as e:  # truncated/missing array files, bad metadata, ...
           error = e
         else:
-          if bad:
+          if bad and not self.read_only:
             self._move_aside(bad)
           return state, step
       log.warning("checkpoint %s is unreadable (%s); trying the previous one", self.path(step),
