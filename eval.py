@@ -189,8 +189,8 @@ def main(argv):
   print(f"compiled the forward pass {inference.TRACE_COUNTS['forward'] - before} time(s) for "
         f"{summary['num_images']} images")
   if workdir is not None and jax.process_index() == 0:
-    from maskrcnn_jax.training.trainer import _SummaryWriter
-    writer = _SummaryWriter(os.path.join(workdir, "tensorboard"))
+    from maskrcnn_jax.training.trainer import SummaryWriter
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     writer.scalars(step, {f"{t}/{k}": summary[t][k] for t in ("bbox", "segm")
                           for k in ("AP", "AP50", "AP75")}, "eval")
     writer.flush()

@@ -212,9 +212,6 @@ def validate_config(config):
       raise ConfigError(f"config.init.{key}={path!r}: no such file")
 
 
-_SummaryWriter = SummaryWriter  # the name eval.py imports
-
-
 def _check_batch(training) -> int:
   """The per-process batch size; the global one must split evenly over processes and devices."""
   global_batch = int(training.batch_size)
