@@ -38,7 +38,8 @@ def main(argv):
     print(f"curves: no TensorBoard scalars under {workdir}/tensorboard", file=sys.stderr)
     return 1
   keep = {k.split("/", 1)[1] if k.startswith("train/") else k: v for k, v in scalars.items()
-          if (k.startswith("train/loss") or k.startswith("eval/") and k.endswith("AP"))}
+          if (k.startswith("train/loss")
+              or k.startswith("eval/") and k.endswith(("/AP", "/AP50")))}
   path = os.path.join(workdir, "curves.png")
   plot_curves(keep, path, title=os.path.basename(os.path.normpath(workdir)))
   print(f"wrote {path}")

@@ -67,7 +67,8 @@ def _font(size: int):
 def plot_curves(steps_and_values: Mapping[str, Sequence], path, title: str = "training") -> None:
   """Plots named curves `{name: [(step, value), ...]}` to a PNG (losses log-scaled, AP linear).
 
-  Names starting with 'loss' go to the left panel, everything else (AP) to the right one.
+  Names starting with 'loss' go to the left panel, everything else (AP) to the right one; names
+  ending in 'AP50' are dashed.
   """
   import matplotlib
   matplotlib.use("Agg")
@@ -78,7 +79,8 @@ def plot_curves(steps_and_values: Mapping[str, Sequence], path, title: str = "tr
       continue
     s, v = zip(*pts)
     (ax_l if name.startswith("loss") or name.startswith("train/") else ax_r).plot(
-        s, v, label=name, marker="" if len(s) > 20 else "o")
+        s, v, label=name, marker="" if len(s) > 20 else "o",
+        linestyle="--" if name.endswith("AP50") else "-")
   ax_l.set_yscale("log")
   ax_l.set_xlabel("step")
   ax_l.set_title(f"{title}: losses")

@@ -53,6 +53,14 @@ def _flat_shapes(tree, serialize: bool = False):
   return out
 
 
+class _DropReadOnlyNotice(logging.Filter):
+  """orbax warns 'Given directory is read only' whenever a manager is opened read-only, which is
+  what evaluation asks for: not worth a line on the user's console."""
+
+  def filter(self, record):
+    return "Given directory is read only" not in record.getMessage()
+
+
 def _first_line(error: BaseException) -> str:
   """'TypeName: first line of the message' (at most 300 characters of it)."""
   first = (str(error).strip().splitlines() or [""])[0][:300]
@@ -70,6 +78,9 @@ class Checkpointer:
     if not self.read_only:
       self._report_partial_saves()
     if self.read_only:
+      absl_logger = logging.getLogger("absl")  # orbax logs through absl.logging
+      if not any(isinstance(f, _DropReadOnlyNotice) for f in absl_logger.filters):
+        absl_logger.addFilter(_DropReadOnlyNotice())
       options = ocp.CheckpointManagerOptions(
           read_only=True, create=False, cleanup_tmp_directories=False, max_to_keep=None,
           save_interval_steps=0, enable_async_checkpointing=False)
