@@ -43,18 +43,44 @@ def draw_predictions(image: np.ndarray, result: Mapping[str, np.ndarray],
   pil = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
   draw = ImageDraw.Draw(pil)
   font = _font(max(12, min(pil.size) // 32))
+  labels = []
   for rank, i in enumerate(keep):
-    x1, y1, x2, y2 = (np.asarray(result["boxes"][i], np.float64) * factor).tolist()
-    col = _colour(rank)
-    draw.rectangle([x1, y1, x2, y2], outline=col, width=max(2, factor))
+    box = (np.asarray(result["boxes"][i], np.float64) * factor).tolist()
+    draw.rectangle(box, outline=_colour(rank), width=max(2, factor))
     label = int(result["labels"][i])
     name = class_names[label] if class_names is not None and label < len(class_names) else str(label)
-    text = f"{name} {float(result['scores'][i]):.2f}"
-    tx, ty = x1 + 2, max(0.0, y1 - font.size - 4)
-    bbox = draw.textbbox((tx, ty), text, font=font)
-    draw.rectangle([bbox[0] - 2, bbox[1] - 2, bbox[2] + 2, bbox[3] + 2], fill=(0, 0, 0))
-    draw.text((tx, ty), text, fill=col, font=font)
+    labels.append((box, f"{name} {float(result['scores'][i]):.2f}", _colour(rank)))
+  # Labels after all boxes, so that no box is drawn over one, each where it overlaps none before.
+  placed = []
+  for box, text, col in labels:
+    bg = _place_label(draw, text, font, box, placed, pil.size)
+    placed.append(bg)
+    draw.rectangle(bg, fill=(0, 0, 0))
+    draw.text((bg[0] + 2, bg[1] + 2), text, fill=col, font=font)
   return pil
+
+
+def _place_label(draw, text, font, box, placed, size):
+  """The [x1, y1, x2, y2] background of `text` for `box`: above its top-left corner, else inside
+  it, else below it, else inside its bottom; the first that overlaps no label in `placed` (else
+  the first), moved inside the picture."""
+  left, top = draw.textbbox((0, 0), text, font=font)[:2]
+  right, bottom = draw.textbbox((0, 0), text, font=font)[2:]
+  tw, th = right - left + 4, bottom - top + 4
+  x1, y1, x2, y2 = box
+  candidates = [(x1, y1 - th), (x1, y1), (x1, y2), (x1, y2 - th)]
+
+  def rect(x, y):
+    x = min(max(0.0, x), max(0.0, size[0] - tw))
+    y = min(max(0.0, y), max(0.0, size[1] - th))
+    return [x, y, x + tw, y + th]
+
+  def free(r):
+    return all(r[2] <= q[0] or q[2] <= r[0] or r[3] <= q[1] or q[3] <= r[1] for q in placed)
+  for x, y in candidates:
+    if free(rect(x, y)):
+      return rect(x, y)
+  return rect(*candidates[0])
 
 
 def _font(size: int):
