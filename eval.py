@@ -6,11 +6,14 @@
     python eval.py --config configs/shapes.py --workdir /tmp/shapes --images photos/ --out_dir out
 
 Writes COCO results (results.json), metrics.json (12 COCO numbers and per-category AP for bbox and
-segm) and pictures (PNG) into --out_dir (default WORKDIR/eval/final), and the AP to TensorBoard.
+segm) and pictures (PNG) into --out_dir (default WORKDIR/eval/final; with --checkpoint
+WORKDIR/eval/step_STEP; with --torchvision_weights or a checkpoint outside a workdir ./eval_out),
+and the AP to the workdir's TensorBoard logs.
 """
 import glob
 import json
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -24,7 +27,8 @@ flags.DEFINE_string("checkpoint", None,
 flags.DEFINE_string("torchvision_weights", None,
                     "A torchvision Mask R-CNN state_dict (.pth) to convert and evaluate instead.")
 flags.DEFINE_string("split", None, "Dataset split (default config.data.eval_split or validation).")
-flags.DEFINE_string("out_dir", None, "Output folder (default WORKDIR/eval/final or ./eval_out).")
+flags.DEFINE_string("out_dir", None, "Output folder (default WORKDIR/eval/final, with "
+                    "--checkpoint WORKDIR/eval/step_STEP, else ./eval_out).")
 flags.DEFINE_integer("num_pictures", 8, "Images to draw with their predictions.")
 flags.DEFINE_integer("max_images", None, "Evaluate only the first N images of the split.")
 flags.DEFINE_multi_string("images", None, "Image files or folders to predict on (no AP).")
@@ -45,16 +49,18 @@ def _restore(config, ckpt_dir, step=None):
   mesh = parallel.make_mesh(jax.devices()[:1])
   abstract = trainer.abstract_train_state(
       model, lambda p: optimizer.make_optimizer(config.training, p), mesh)
-  ckpt = checkpoint.Checkpointer(ckpt_dir, read_only=True)
+  ckpt = None
   try:
+    ckpt = checkpoint.Checkpointer(ckpt_dir, read_only=True)
     if step is None:
       state, step = ckpt.restore_latest(abstract)
     else:
       state = ckpt.restore(step, abstract)
-  except (RuntimeError, FileNotFoundError) as e:  # checkpoints exist, none readable
+  except (RuntimeError, OSError) as e:  # unreadable checkpoints, missing step, permissions
     raise UsageError(str(e)) from None
   finally:
-    ckpt.close()
+    if ckpt is not None:
+      ckpt.close()
   if state is None:
     raise UsageError(f"{os.path.dirname(ckpt_dir)!r} holds no checkpoint yet")
   print(f"evaluating {ckpt_dir} at step {step}")
@@ -62,8 +68,9 @@ def _restore(config, ckpt_dir, step=None):
 
 
 def _checkpoint_source():
-  """(checkpoints folder, step or None, workdir) from --workdir or --checkpoint."""
-  if FLAGS.workdir is not None:
+  """(checkpoints folder, step or None, workdir or None) from --workdir or --checkpoint. A
+  --checkpoint folder's workdir is the folder above `checkpoints/`, if it sits in one."""
+  if FLAGS.workdir:
     workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
     if not os.path.isdir(workdir):
       raise UsageError(f"--workdir {FLAGS.workdir!r} does not exist")
@@ -72,15 +79,16 @@ def _checkpoint_source():
       raise UsageError(f"--workdir {FLAGS.workdir!r} has no checkpoints/ folder (train first, or "
                        "pass --torchvision_weights)")
     return ckpt_dir, None, workdir
-  path = os.path.abspath(os.path.expanduser(FLAGS.checkpoint)).rstrip(os.sep)
+  path = os.path.abspath(os.path.expanduser(FLAGS.checkpoint))
   if not os.path.isdir(path):
     raise UsageError(f"--checkpoint {FLAGS.checkpoint!r} does not exist")
   name = os.path.basename(path)
-  if not name.isdigit():
+  if not re.fullmatch(r"0|[1-9][0-9]*", name):  # orbax's step folder names
     raise UsageError(f"--checkpoint {FLAGS.checkpoint!r} is not a checkpoint folder "
                      "(WORKDIR/checkpoints/STEP)")
   ckpt_dir = os.path.dirname(path)
-  return ckpt_dir, int(name), os.path.dirname(ckpt_dir)
+  workdir = os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints" else None
+  return ckpt_dir, int(name), workdir
 
 
 def _load_images(paths):
@@ -125,10 +133,12 @@ def main(argv):
   from maskrcnn_jax.evaluation.visualize import draw_predictions
 
   workdir = None
-  if FLAGS.torchvision_weights is None:
+  default_out = os.path.abspath("eval_out")
+  if not FLAGS.torchvision_weights:
     ckpt_dir, step, workdir = _checkpoint_source()
     model, variables, step = _restore(config, ckpt_dir, step)
-    default_out = os.path.join(workdir, "eval", "final" if FLAGS.workdir else f"step_{step}")
+    if workdir is not None:
+      default_out = os.path.join(workdir, "eval", "final" if FLAGS.workdir else f"step_{step}")
     label_map = None
   else:
     from maskrcnn_jax.convert import from_torchvision
@@ -140,12 +150,14 @@ def main(argv):
                                           model_config=config.model)
     except (ValueError, TypeError, KeyError) as e:  # not a state_dict, or not of this model
       raise UsageError(f"--torchvision_weights {FLAGS.torchvision_weights!r}: {e}") from None
-    default_out = os.path.abspath("eval_out")
     # torchvision's classes are COCO category ids; names are not known here.
     label_map = ({k: k for k in range(1, int(config.model.num_classes))},
                  [str(k) for k in range(int(config.model.num_classes))])
   out_dir = FLAGS.out_dir or default_out
-  os.makedirs(out_dir, exist_ok=True)
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f"cannot write to {out_dir!r} ({e.strerror or e}): pass --out_dir") from None
   inp = config.input
 
   if FLAGS.images:

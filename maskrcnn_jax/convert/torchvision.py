@@ -4,6 +4,7 @@ Every one of our variables has exactly one torchvision name (`torch_names` lists
 torchvision releases used), so a state_dict converts one to one and any missing, unexpected or
 mis-shaped key is reported by name.
 """
+import pickle
 import re
 from typing import Any, Dict, List, Mapping, Tuple, Union
 
@@ -96,10 +97,24 @@ def _as_numpy(v: Any) -> np.ndarray:
 
 
 def load_state_dict(state_dict_or_path: Union[str, Mapping[str, Any]]) -> Dict[str, np.ndarray]:
-  """A `.pth` path (loaded with torch, `weights_only=True`) or a mapping of tensors/arrays."""
+  """A `.pth` path (loaded with torch, `weights_only=True`) or a mapping of tensors/arrays.
+
+  Raises:
+    ValueError: torch is not installed, or the file is not a readable state_dict.
+    TypeError: what was loaded or given is not a mapping.
+  """
   if isinstance(state_dict_or_path, (str, bytes)) or hasattr(state_dict_or_path, "__fspath__"):
-    import torch  # only needed for .pth files
-    sd = torch.load(state_dict_or_path, map_location="cpu", weights_only=True)
+    try:
+      import torch  # only needed for .pth files
+    except ImportError:
+      raise ValueError(f"reading {state_dict_or_path} needs torch, which maskrcnn_jax does not "
+                       "install: `pip install torch` (or pass a dict of numpy arrays)") from None
+    try:
+      sd = torch.load(state_dict_or_path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+      raise ValueError(f"cannot read {state_dict_or_path} as a torch state_dict "
+                       f"({type(e).__name__}: {first})") from None
     if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):
       sd = sd["model"]  # torchvision reference-script checkpoints
   else:

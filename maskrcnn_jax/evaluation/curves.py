@@ -10,10 +10,12 @@ from maskrcnn_jax.evaluation.visualize import plot_curves
 
 
 def read_scalars(logdir: str) -> Dict[str, List[Tuple[int, float]]]:
-  """{tag: [(step, value), ...]} from the event files under `logdir` (TF's reader, no TensorBoard)."""
+  """{tag: [(step, value), ...] by step} from the event files under `logdir` (TF's reader, no
+  TensorBoard). A step written more than once (an eval.py run after training evaluated the same
+  step, a resumed run) keeps the value written last (event files are named by creation time)."""
   import tensorflow as tf
   from tensorflow.core.util import event_pb2
-  out = defaultdict(list)
+  out = defaultdict(dict)
   for path in sorted(glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True)):
     for raw in tf.data.TFRecordDataset(path):
       event = event_pb2.Event.FromString(raw.numpy())
@@ -24,8 +26,8 @@ def read_scalars(logdir: str) -> Dict[str, List[Tuple[int, float]]]:
           value = float(v.simple_value)
         else:
           continue
-        out[v.tag].append((int(event.step), value))
-  return {k: sorted(v) for k, v in out.items()}
+        out[v.tag][int(event.step)] = value
+  return {k: sorted(v.items()) for k, v in out.items()}
 
 
 def main(argv):

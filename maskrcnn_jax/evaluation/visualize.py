@@ -56,7 +56,8 @@ def draw_predictions(image: np.ndarray, result: Mapping[str, np.ndarray],
     bg = _place_label(draw, text, font, box, placed, pil.size)
     placed.append(bg)
     draw.rectangle(bg, fill=(0, 0, 0))
-    draw.text((bg[0] + 2, bg[1] + 2), text, fill=col, font=font)
+    left, top = draw.textbbox((0, 0), text, font=font)[:2]  # the glyphs' offset from the origin
+    draw.text((bg[0] + 2 - left, bg[1] + 2 - top), text, fill=col, font=font)
   return pil
 
 
@@ -64,8 +65,7 @@ def _place_label(draw, text, font, box, placed, size):
   """The [x1, y1, x2, y2] background of `text` for `box`: above its top-left corner, else inside
   it, else below it, else inside its bottom; the first that overlaps no label in `placed` (else
   the first), moved inside the picture."""
-  left, top = draw.textbbox((0, 0), text, font=font)[:2]
-  right, bottom = draw.textbbox((0, 0), text, font=font)[2:]
+  left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
   tw, th = right - left + 4, bottom - top + 4
   x1, y1, x2, y2 = box
   candidates = [(x1, y1 - th), (x1, y1), (x1, y2), (x1, y2 - th)]

@@ -68,7 +68,14 @@ def _ensure_shapes(data: Mapping[str, Any]):
   params = shapes_params(data)
   done = os.path.join(root, "shapes.json")
   with _file_lock(root + ".lock"):
-    if not os.path.exists(done):
+    if os.path.exists(done):
+      with open(done) as f:
+        stored = json.load(f)
+      if stored != params:
+        raise ConfigError(
+            f"{root} holds shapes generated with {stored}, but the config asks for {params}: "
+            "point config.data.cache_dir elsewhere (or delete that folder to regenerate it)")
+    else:
       print(f"generating the synthetic shapes dataset in {root} ({params})", flush=True)
       tmp = f"{root}.tmp-{os.getpid()}"
       shutil.rmtree(tmp, ignore_errors=True)

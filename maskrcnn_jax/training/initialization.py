@@ -65,9 +65,9 @@ def initial_variables(model, init_config: Mapping[str, Any], seed: int) -> Dict[
   """Random variables, with `config.init`'s weights laid over them (see the module docstring).
 
   Raises:
-    ConfigError: both init sources are given.
-    ValueError: the ImageNet state_dict does not fit the backbone, or the Mask R-CNN state_dict
-      provides nothing usable.
+    ConfigError: both init sources are given, a file cannot be read (or torch is missing), the
+      ImageNet state_dict does not fit the backbone, or the Mask R-CNN state_dict provides nothing
+      usable.
   """
   init_config = dict(init_config or {})
   tv_path = init_config.get("torchvision_checkpoint") or ""
@@ -76,6 +76,14 @@ def initial_variables(model, init_config: Mapping[str, Any], seed: int) -> Dict[
     raise ConfigError("set only one of config.init.torchvision_checkpoint and "
                       "config.init.imagenet_resnet")
   variables = random_variables(model, seed)
+  try:
+    return _load_over(model, variables, tv_path, imagenet_path)
+  except (ValueError, TypeError) as e:  # unreadable file, torch missing, nothing that fits
+    key = "torchvision_checkpoint" if tv_path else "imagenet_resnet"
+    raise ConfigError(f"config.init.{key}: {e}") from None
+
+
+def _load_over(model, variables, tv_path: str, imagenet_path: str) -> Dict[str, Any]:
   if imagenet_path:
     loaded = tv_convert.variables_from_resnet_state_dict(model, imagenet_path)
     n = len(traverse_util.flatten_dict(loaded["params"]))

@@ -118,12 +118,36 @@ def test_checkpoint_of_another_config_is_refused(trained, tmp_path):
     ([], "pass exactly one of"),
     (["--workdir", "WORK", "--checkpoint", "WORK/checkpoints/2"], "pass exactly one of"),
     (["--checkpoint", "WORK/checkpoints"], "not a checkpoint folder"),
+    (["--checkpoint", "WORK/checkpoints/2/"], None),  # a trailing slash is fine: no error
+    (["--checkpoint", "WORK/checkpoints/7"], "does not exist"),
+    (["--torchvision_weights", "WORK/checkpoints/2/_CHECKPOINT_METADATA"],
+     "cannot read"),  # not a torch file
     (["--workdir", "WORK", "--split", "test"], "'test' is not in the dataset"),
     (["--workdir", "WORK", "--split", "validation[:0]"], "has no images"),
 ])
-def test_bad_arguments_are_one_clear_line(trained, args, needle):
+def test_bad_arguments_are_one_clear_line(trained, args, needle, tmp_path):
   args = [a.replace("WORK", trained["workdir"]) for a in args]
-  _clear_error(_eval_py("--config", trained["config"], *args), needle)
+  r = _eval_py("--config", trained["config"], *args, "--out_dir", str(tmp_path),
+               "--num_pictures", "0")
+  if needle is None:
+    _ok(r)
+  else:
+    _clear_error(r, needle)
+
+
+def test_checkpoint_outside_a_workdir(trained, tmp_path):
+  """A checkpoint folder copied elsewhere: evaluated, written to --out_dir, no TensorBoard logs
+  or eval/ folder created next to it; a step name orbax would not write is refused."""
+  import shutil
+  shutil.copytree(os.path.join(trained["workdir"], "checkpoints", "2"), tmp_path / "ckpts" / "2")
+  out = _ok(_eval_py("--config", trained["config"], "--checkpoint", str(tmp_path / "ckpts" / "2"),
+                     "--out_dir", str(tmp_path / "out"), "--num_pictures", "0"))
+  assert "at step 2" in out
+  assert sorted(os.listdir(tmp_path)) == ["ckpts", "out"]
+  assert sorted(os.listdir(tmp_path / "ckpts")) == ["2"]
+  shutil.copytree(tmp_path / "ckpts" / "2", tmp_path / "ckpts" / "007")
+  _clear_error(_eval_py("--config", trained["config"], "--checkpoint",
+                        str(tmp_path / "ckpts" / "007")), "not a checkpoint folder")
 
 
 def test_workdir_without_checkpoints(trained, tmp_path):

@@ -93,6 +93,34 @@ def test_corrupted_newest_falls_back_to_previous(tmp_path, caplog, damage):
   c.close()
 
 
+def test_read_only_restore_changes_nothing(tmp_path):
+  """Evaluation opens checkpoints read-only: a corrupt newest one is skipped, not moved, and
+  nothing is created or cleaned up."""
+  d = str(tmp_path / "checkpoints")
+  _save(d, [3, 6])
+  victim = _largest_file(os.path.join(d, "6"))
+  os.remove(victim)
+  partial = os.path.join(d, "9.orbax-checkpoint-tmp-1234567")
+  os.makedirs(partial)
+  before = sorted(os.listdir(d))
+  c = ckpt_lib.Checkpointer(d, read_only=True)
+  state, step = c.restore_latest(_abstract(_state(0)))
+  assert step == 3 and int(np.asarray(state.step)) == 3
+  state = c.restore(3, _abstract(_state(0)))
+  assert int(np.asarray(state.step)) == 3
+  with pytest.raises(RuntimeError, match="unreadable"):
+    c.restore(6, _abstract(_state(0)))
+  with pytest.raises(FileNotFoundError, match="steps here"):
+    c.restore(4, _abstract(_state(0)))
+  c.close()
+  assert sorted(os.listdir(d)) == before
+  assert not os.path.exists(str(tmp_path / "checkpoints_corrupt"))
+  missing = ckpt_lib.Checkpointer(str(tmp_path / "nope"), read_only=True)
+  assert missing.restore_latest(_abstract(_state(0))) == (None, None)
+  missing.close()
+  assert not os.path.exists(str(tmp_path / "nope"))  # not created
+
+
 def test_partial_save_is_ignored(tmp_path, caplog):
   d = str(tmp_path / "checkpoints")
   _save(d, [3])
