@@ -41,3 +41,17 @@ def test_unknown_config_field(tmp_path):
   assert r.returncode != 0
   assert "Traceback" not in r.stderr
   assert "lr" in r.stderr
+
+
+def test_unreadable_init_weights(tmp_path):
+  bad = tmp_path / "weights.pth"
+  bad.write_bytes(b"not a torch file")
+  r = _train_py("--config", "configs/tiny.py", "--workdir", str(tmp_path / "run"),
+                f"--config.init.torchvision_checkpoint={bad}",
+                f"--config.data.cache_dir={tmp_path / 'shapes'}",
+                "--config.data.shapes.num_train=4", "--config.data.shapes.num_val=2")
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
+  errors = [l for l in r.stderr.splitlines() if l.startswith("train.py: error: ")]
+  assert len(errors) == 1, r.stderr[-2000:]
+  assert "config.init.torchvision_checkpoint" in errors[0] and "cannot read" in errors[0]
