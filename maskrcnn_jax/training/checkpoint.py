@@ -75,8 +75,6 @@ class Checkpointer:
     """`read_only` (evaluation): never creates, cleans up, moves or saves anything."""
     self.directory = os.path.abspath(directory)
     self.read_only = bool(read_only)
-    if not self.read_only:
-      self._report_partial_saves()
     if self.read_only:
       absl_logger = logging.getLogger("absl")  # orbax logs through absl.logging
       if not any(isinstance(f, _DropReadOnlyNotice) for f in absl_logger.filters):
@@ -85,6 +83,7 @@ class Checkpointer:
           read_only=True, create=False, cleanup_tmp_directories=False, max_to_keep=None,
           save_interval_steps=0, enable_async_checkpointing=False)
     else:
+      self._report_partial_saves()
       options = ocp.CheckpointManagerOptions(
           max_to_keep=int(keep) if keep else None, create=True, cleanup_tmp_directories=True,
           enable_async_checkpointing=bool(async_save))
