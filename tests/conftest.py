@@ -1,4 +1,4 @@
-"""Shared test set-up: keep TensorFlow off any GPU, keep thread counts sane on the 2-core machine."""
+"""Shared test set-up: TensorFlow off any GPU, sane thread counts on the 2-core machine."""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

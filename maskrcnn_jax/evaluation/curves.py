@@ -16,7 +16,8 @@ def read_scalars(logdir: str) -> Dict[str, List[Tuple[int, float]]]:
   import tensorflow as tf
   from tensorflow.core.util import event_pb2
   out = defaultdict(dict)
-  for path in sorted(glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True)):
+  pattern = os.path.join(logdir, "**", "events.out.tfevents.*")
+  for path in sorted(glob.glob(pattern, recursive=True)):
     for raw in tf.data.TFRecordDataset(path):
       event = event_pb2.Event.FromString(raw.numpy())
       for v in event.summary.value:

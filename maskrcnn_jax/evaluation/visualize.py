@@ -48,7 +48,8 @@ def draw_predictions(image: np.ndarray, result: Mapping[str, np.ndarray],
     box = (np.asarray(result["boxes"][i], np.float64) * factor).tolist()
     draw.rectangle(box, outline=_colour(rank), width=max(2, factor))
     label = int(result["labels"][i])
-    name = class_names[label] if class_names is not None and label < len(class_names) else str(label)
+    known = class_names is not None and label < len(class_names)
+    name = class_names[label] if known else str(label)
     labels.append((box, f"{name} {float(result['scores'][i]):.2f}", _colour(rank)))
   # Labels after all boxes, so that no box is drawn over one, each where it overlaps none before.
   placed = []

@@ -42,7 +42,8 @@ def feature_grid_size(size: Array, level: int) -> Array:
   return size
 
 
-def grid_anchors(grid_shape: Tuple[int, int], stride: Tuple[Array, Array], cell: np.ndarray) -> Array:
+def grid_anchors(grid_shape: Tuple[int, int], stride: Tuple[Array, Array],
+                 cell: np.ndarray) -> Array:
   """Anchors of one level, as `AnchorGenerator.grid_anchors`.
 
   Args:
@@ -70,10 +71,10 @@ def multilevel_anchors(grid_shapes: Sequence[Tuple[int, int]], levels: Sequence[
   """Anchors of all levels for one padded image size, plus which of them exist for that size.
 
   The grids are static (`grid_shapes`, what the network computed on its canvas), but `image_shape`
-  may be smaller than the canvas and traced. Anchors are laid out as torchvision lays them out for an
-  image padded to `image_shape` (stride `image_shape // grid` per level), and anchors on grid cells
-  beyond that image's own grid are marked invalid. With `image_shape` equal to the canvas every anchor
-  is valid and the result is exactly torchvision's.
+  may be smaller than the canvas and traced. Anchors are laid out as torchvision lays them out for
+  an image padded to `image_shape` (stride `image_shape // grid` per level), and anchors on grid
+  cells beyond that image's own grid are marked invalid. With `image_shape` equal to the canvas
+  every anchor is valid and the result is exactly torchvision's.
 
   Args:
     grid_shapes: static [(grid_h, grid_w)] per level, finest first.

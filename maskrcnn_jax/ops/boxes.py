@@ -52,7 +52,8 @@ def clip_boxes(boxes: Array, height: Array, width: Array) -> Array:
 
 def box_sizes_at_least(boxes: Array, min_size: float) -> Array:
   """True where width and height are both >= min_size, as `remove_small_boxes`. boxes: [..., 4]."""
-  return ((boxes[..., 2] - boxes[..., 0]) >= min_size) & ((boxes[..., 3] - boxes[..., 1]) >= min_size)
+  return (((boxes[..., 2] - boxes[..., 0]) >= min_size)
+          & ((boxes[..., 3] - boxes[..., 1]) >= min_size))
 
 
 def encode_boxes(boxes: Array, anchors: Array,
@@ -86,7 +87,8 @@ def decode_boxes(deltas: Array, anchors: Array,
   """Applies regression deltas to reference boxes, as torchvision's `BoxCoder.decode_single`.
 
   Args:
-    deltas: [..., 4] (dx, dy, dw, dh); broadcastable against anchors (e.g. [N, K, 4] with [N, 1, 4]).
+    deltas: [..., 4] (dx, dy, dw, dh); broadcastable against anchors (e.g. [N, K, 4] with [N, 1,
+    4]).
     anchors: [..., 4] (x1, y1, x2, y2).
     weights: (wx, wy, ww, wh).
     clip: upper clamp of dw/dh after dividing by the weights (log(1000/16)).

@@ -201,7 +201,8 @@ def _sampling_plan(boxes: Array, scale: Array, height: Array, width: Array,
   cols, col_pos, col_in = _axis_samples(x1, roi_w, width, size[1], sampling_ratio)
   # The kernel divides each bin's sum by the sample count g^2; fold that into the row weights.
   row_in = jnp.where(row_in, 1.0 / (sampling_ratio * sampling_ratio), 0.0).astype(jnp.float32)
-  return _Plan(offset, width if stride is None else stride, rows, row_pos, row_in, cols, col_pos, col_in.astype(jnp.float32))
+  return _Plan(offset, width if stride is None else stride, rows, row_pos, row_in, cols, col_pos,
+               col_in.astype(jnp.float32))
 
 
 def _pair_weights(first: Array, pos: Array, factor: Array) -> Array:

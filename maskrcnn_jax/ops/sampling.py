@@ -8,7 +8,7 @@ from maskrcnn_jax.types import Array
 
 
 def _random_rank(key: Array, mask: Array) -> Array:
-  """Rank of each True entry in a uniformly random order of the True entries; False entries get n."""
+  """Rank of each True entry in a uniformly random order of the True entries (False ones: n)."""
   n = mask.shape[0]
   keys = jnp.where(mask, jax.random.uniform(key, (n,)), 2.0)
   order = jnp.argsort(keys)

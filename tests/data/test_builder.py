@@ -7,8 +7,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from maskrcnn_jax.data import builder as builder_lib
-from maskrcnn_jax.data import coco_io
+from maskrcnn_jax.data import builder as builder_lib, coco_io
 
 
 def _examples(builder, split="train"):

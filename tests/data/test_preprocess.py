@@ -5,7 +5,6 @@ import pytest
 from maskrcnn_jax.data import preprocess
 from tests.conftest import torch_or_skip
 
-
 SIZES = [(427, 640), (333, 500), (480, 640), (640, 427), (1000, 1500), (103, 103), (600, 2000),
          (37, 51)]
 

@@ -11,7 +11,6 @@ tf = pytest.importorskip("tensorflow")
 from maskrcnn_jax.data import transforms as T  # noqa: E402
 
 
-
 def _raw_examples(builder, split="train"):
   import tensorflow_datasets as tfds
   ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})

@@ -1,4 +1,4 @@
-"""The full evaluation path (predictions -> RLE -> JSON -> COCOeval) on hand-made data with known AP."""
+"""The evaluation path (predictions -> RLE -> JSON -> COCOeval) on hand-made data of known AP."""
 import json
 
 import numpy as np

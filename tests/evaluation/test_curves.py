@@ -26,8 +26,10 @@ def test_scalars_round_trip_and_plot(tmp_path, monkeypatch):
 
   plotted = {}
   real_plot = curves.plot_curves
-  monkeypatch.setattr(curves, "plot_curves",
-                      lambda data, path, title: (plotted.update(data), real_plot(data, path, title)))
+  def plot(data, path, title):
+    plotted.update(data)
+    return real_plot(data, path, title)
+  monkeypatch.setattr(curves, "plot_curves", plot)
   assert curves.main(["curves", str(tmp_path)]) == 0
   assert sorted(plotted) == ["eval/bbox/AP", "eval/bbox/AP50", "loss", "loss_mask"]
   with Image.open(tmp_path / "curves.png") as im:

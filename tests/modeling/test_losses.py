@@ -1,15 +1,14 @@
 """Loss parity with torchvision: `rpn_loss`, `fastrcnn_loss`, `maskrcnn_loss`, `smooth_l1`.
 
-Every comparison feeds both sides the same inputs (for the RPN, the same sampled anchors: torchvision
-samples at random inside `compute_loss`, so its `fg_bg_sampler` is replaced by one returning fixed
-masks) and asserts agreement within 1e-5. torchvision normalizes over the whole batch, we per image;
-for one image they are the same function, and for images with equal sample counts the batch value is
-the mean of ours (checked too).
+Every comparison feeds both sides the same inputs (for the RPN, the same sampled anchors:
+torchvision samples at random inside `compute_loss`, so its `fg_bg_sampler` is replaced by one
+returning fixed masks) and asserts agreement within 1e-5. torchvision normalizes over the whole
+batch, we per image; for one image they are the same function, and for images with equal sample
+counts the batch value is the mean of ours (checked too).
 """
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jax.numpy as jnp
 
 from maskrcnn_jax.modeling.losses import fastrcnn_loss, maskrcnn_loss, rpn_loss, smooth_l1
 from tests.conftest import torch_or_skip
@@ -101,7 +100,7 @@ def test_rpn_loss_equals_compute_loss(seed, pos_rate, ignore_rate):
 
 @pytest.mark.reference
 def test_rpn_loss_batch_mean_equals_torchvision_batch():
-  """Two images with 256 samples each: torchvision's batch loss is the mean of our per-image ones."""
+  """Two images with 256 samples each: torchvision's batch loss is the mean of ours per image."""
   torch, _ = torch_or_skip()
   cases = [_rpn_case(torch, s, 2000, r, 0.1) for s, r in ((10, 0.03), (11, 0.2))]
   rpn = _tv_rpn(torch, [c[1] for c in cases], [c[2] for c in cases])
@@ -217,8 +216,8 @@ def _mask_case(torch, seed, num_rois, num_classes, num_gt, size=28, hw=(60, 70))
 @pytest.mark.parametrize("seed,num_rois,num_classes", [(0, 37, 91), (1, 1, 2), (2, 128, 4),
                                                        (3, 16, 250)])
 def test_maskrcnn_loss_equals_torchvision(seed, num_rois, num_classes):
-  """torchvision's `maskrcnn_loss` (which projects full-image masks itself) vs ours given the targets
-  torchvision projects: the whole loss, not just the BCE."""
+  """torchvision's `maskrcnn_loss` (which projects full-image masks itself) vs ours given the
+  targets torchvision projects: the whole loss, not just the BCE."""
   torch, _ = torch_or_skip()
   from torchvision.models.detection.roi_heads import maskrcnn_loss as tv_maskrcnn_loss
   gt_masks, gt_labels, matched, rois, logits, targets = _mask_case(torch, seed, num_rois,
@@ -257,11 +256,14 @@ def test_maskrcnn_loss_ignores_invalid_slots(seed):
 
 @pytest.mark.reference
 def test_no_objects_losses_finite_and_zero():
-  """An image without objects: nothing positive is sampled. torchvision gives box losses 0 and a mask
-  loss of `mask_logits.sum() * 0`; ours must give exactly 0 too, and finite classification losses."""
+  """An image without objects: nothing positive is sampled. torchvision gives box losses 0 and a
+  mask loss of `mask_logits.sum() * 0`; ours must give exactly 0 too, and finite classification
+  losses."""
   torch, _ = torch_or_skip()
-  from torchvision.models.detection.roi_heads import fastrcnn_loss as tv_fastrcnn_loss
-  from torchvision.models.detection.roi_heads import maskrcnn_loss as tv_maskrcnn_loss
+  from torchvision.models.detection.roi_heads import (
+      fastrcnn_loss as tv_fastrcnn_loss,
+      maskrcnn_loss as tv_maskrcnn_loss,
+  )
   rng = np.random.default_rng(7)
   # RPN: every anchor negative (torchvision's labels when there is no ground truth).
   a = 1000
@@ -274,7 +276,8 @@ def test_no_objects_losses_finite_and_zero():
   targets = np.full((a, 4), -np.inf, np.float32)  # encoding a zero-size padding box
   rpn = _tv_rpn(torch, [pos], [neg])
   ref_obj, ref_box = rpn.compute_loss(_t(torch, logits[:, None]), _t(torch, deltas),
-                                      [_t(torch, labels)], [_t(torch, np.zeros((a, 4), np.float32))])
+                                      [_t(torch, labels)],
+                                      [_t(torch, np.zeros((a, 4), np.float32))])
   obj, box = rpn_loss(*map(jnp.asarray, (logits, deltas, targets, pos, neg)))
   np.testing.assert_allclose(float(obj), ref_obj.item(), **TOL)
   assert float(box) == 0.0 == ref_box.item()

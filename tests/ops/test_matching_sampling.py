@@ -22,7 +22,8 @@ def _jitter(rng, boxes, scale):
   """Boxes near `boxes`: corners moved by up to `scale` of the box size."""
   wh = np.concatenate([boxes[:, 2:] - boxes[:, :2]] * 2, 1)
   out = boxes + rng.uniform(-scale, scale, boxes.shape) * wh
-  return np.concatenate([np.minimum(out[:, :2], out[:, 2:] - 0.5), out[:, 2:]], 1).astype(np.float32)
+  out = np.concatenate([np.minimum(out[:, :2], out[:, 2:] - 0.5), out[:, 2:]], 1)
+  return out.astype(np.float32)
 
 
 def _np_match(boxes, gt, gt_valid, high, low, allow_low_quality):
@@ -206,7 +207,8 @@ def test_sample_balanced_counts_equal_torchvision(num_samples, fraction, num_pos
   pos, neg = _labels(rng, n, num_pos, num_neg)
   tv_labels = np.where(pos, 1, np.where(neg, 0, -1)).astype(np.int64)
   torch.manual_seed(0)
-  tv_pos, tv_neg = BalancedPositiveNegativeSampler(num_samples, fraction)([torch.from_numpy(tv_labels)])
+  sampler = BalancedPositiveNegativeSampler(num_samples, fraction)
+  tv_pos, tv_neg = sampler([torch.from_numpy(tv_labels)])
   sp, sn = map(np.asarray, sample_balanced(jax.random.key(num_pos), jnp.asarray(pos),
                                            jnp.asarray(neg), num_samples, fraction))
   want_pos = min(num_pos, int(num_samples * fraction))

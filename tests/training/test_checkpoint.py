@@ -1,5 +1,4 @@
-"""Checkpointer on a small TrainState: round trip, keep-last-N, corrupted / partial / mismatched
-checkpoints."""
+"""Checkpointer on a small TrainState: round trip, keep-last-N, corrupt, partial, mismatched."""
 import logging
 import os
 
@@ -9,8 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from maskrcnn_jax.training import checkpoint as ckpt_lib
-from maskrcnn_jax.training import parallel
+from maskrcnn_jax.training import checkpoint as ckpt_lib, parallel
 from maskrcnn_jax.training.train_state import TrainState
 
 # After a failed restore (the corrupted-checkpoint tests) orbax leaves pending tensorstore reads to

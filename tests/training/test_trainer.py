@@ -10,8 +10,7 @@ import signal
 import numpy as np
 import pytest
 
-from maskrcnn_jax.training import checkpoint as ckpt_lib
-from maskrcnn_jax.training import data_source, trainer
+from maskrcnn_jax.training import checkpoint as ckpt_lib, data_source, trainer
 from tests.training import common
 
 # After a failed restore (the corrupted-checkpoint tests) orbax leaves pending tensorstore reads to
