@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(CKSUM)
 TEST_STAMP := $(VENV)/.installed-test-$(CKSUM)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install lint test test-fast demo bench clean
 
 DEMO_DIR ?= outputs/demo
 
@@ -27,12 +27,17 @@ $(TEST_STAMP): $(STAMP)
 
 install: $(STAMP)
 
-# Installs what the tests need (torch/torchvision are test-only) and runs the whole suite.
-test: $(TEST_STAMP)
+# Line length (100) and pyflakes' checks, import order (settings in setup.cfg); a few seconds.
+lint: $(TEST_STAMP)
+	$(PY) -m flake8 .
+	$(PY) -m isort --check-only --diff --settings-path setup.cfg .
+
+# Installs what the tests need (torch/torchvision are test-only), lints, runs the whole suite.
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Skips the slow and side-by-side tests.
-test-fast: $(TEST_STAMP)
+test-fast: lint
 	$(PY) -m pytest -m "not slow and not reference" $(PYTEST_ARGS)
 
 # The main job: generate + build the synthetic shapes data, train configs/shapes.py on the CPU,
@@ -45,6 +50,7 @@ demo: $(STAMP)
 bench: $(TEST_STAMP)
 	$(PY) benchmarks/bench_inference.py
 	$(PY) benchmarks/bench_roi_align.py
+	$(PY) benchmarks/bench_family.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,17 +1,17 @@
-"""Evaluates Mask R-CNN with COCO box and mask AP, or predicts on image files.
+"""Evaluates a detector with COCO AP (box, and mask for models with a mask head), or predicts on
+image files.
 
     python eval.py --config configs/shapes.py --workdir /tmp/shapes          # newest checkpoint
     python eval.py --config configs/shapes.py --checkpoint /tmp/shapes/checkpoints/1000
     python eval.py --config configs/shapes.py --torchvision_weights w.pth     # converted weights
     python eval.py --config configs/shapes.py --workdir /tmp/shapes --images photos/ --out_dir out
 
-Writes COCO results (results.json), metrics.json (12 COCO numbers and per-category AP for bbox and
-segm) and pictures (PNG) into --out_dir (default WORKDIR/eval/final; with --checkpoint
+Writes COCO results (results.json), metrics.json (12 COCO numbers and per-category AP for each task
+the model predicts: bbox, and segm with masks) and pictures (PNG) into --out_dir (default
+WORKDIR/eval/final; with --checkpoint
 WORKDIR/eval/step_STEP; with --torchvision_weights or a checkpoint outside a workdir ./eval_out),
 and the AP to the workdir's TensorBoard logs.
 """
-import glob
-import json
 import os
 import re
 import sys
@@ -41,14 +41,13 @@ class UsageError(Exception):
 
 def _restore(config, ckpt_dir, step=None):
   """Model, variables and step of checkpoint `step` (default: the newest readable one) in
-  `ckpt_dir` (WORKDIR/checkpoints), restored for the model built from `config`."""
+  `ckpt_dir` (WORKDIR/checkpoints), for the model built from `config`. Only the parameters and
+  norm statistics are read (no optimizer is built)."""
   import jax
-  from maskrcnn_jax.modeling import build_model
-  from maskrcnn_jax.training import checkpoint, optimizer, parallel, trainer
-  model = build_model(config.model)
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  abstract = trainer.abstract_train_state(
-      model, lambda p: optimizer.make_optimizer(config.training, p), mesh)
+
+  from maskrcnn_jax.training import checkpoint, parallel, trainer
+  model = trainer.model_from_config(config)
+  abstract = trainer.abstract_inference_state(model, parallel.make_mesh(jax.devices()[:1]))
   ckpt = None
   try:
     ckpt = checkpoint.Checkpointer(ckpt_dir, read_only=True)
@@ -64,7 +63,8 @@ def _restore(config, ckpt_dir, step=None):
   if state is None:
     raise UsageError(f"{os.path.dirname(ckpt_dir)!r} holds no checkpoint yet")
   print(f"evaluating {ckpt_dir} at step {step}")
-  return model, jax.device_get(state.variables), int(step)
+  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  return model, jax.device_get(variables), int(step)
 
 
 def _checkpoint_source():
@@ -91,31 +91,6 @@ def _checkpoint_source():
   return ckpt_dir, int(name), workdir
 
 
-def _load_images(paths):
-  from PIL import Image
-  import numpy as np
-  files = []
-  for p in paths:
-    if os.path.isdir(p):
-      files += sorted(f for f in glob.glob(os.path.join(p, "*"))
-                      if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
-    else:
-      files.append(p)
-  if not files:
-    raise UsageError(f"no image files found in {paths}")
-  images, names = [], []
-  for f in files:
-    try:
-      with Image.open(f) as im:
-        images.append(np.asarray(im.convert("RGB")))
-      names.append(f)
-    except (OSError, ValueError) as err:
-      print(f"eval.py: skipped {f}: cannot decode it ({err})")
-  if not images:
-    raise UsageError("none of the images could be decoded")
-  return images, names
-
-
 def main(argv):
   if len(argv) > 1:
     raise UsageError(f"unexpected arguments {argv[1:]}")
@@ -128,9 +103,8 @@ def main(argv):
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
   import jax
+
   from maskrcnn_jax.evaluation import evaluator, inference
-  from maskrcnn_jax.evaluation.coco_eval import encode_mask
-  from maskrcnn_jax.evaluation.visualize import draw_predictions
 
   workdir = None
   default_out = os.path.abspath("eval_out")
@@ -161,25 +135,21 @@ def main(argv):
   inp = config.input
 
   if FLAGS.images:
-    images, names = _load_images(FLAGS.images)
-    results = inference.predict(model, variables, images, min_size=int(inp.min_size),
-                                max_size=int(inp.max_size), bucket=int(inp.bucket),
-                                batch_size=int(inp.batch_size))
-    records = []
+    from maskrcnn_jax.evaluation.images import export_predictions, load_images
+    try:
+      images, names, skipped = load_images(FLAGS.images)
+    except ValueError as e:
+      raise UsageError(str(e)) from None
+    for line in skipped:
+      print(f"eval.py: skipped {line}")
     class_names = label_map[1] if label_map else None
     if class_names is None and config.data.get("dataset"):
       from maskrcnn_jax.training import data_source
       _, class_names = evaluator.load_label_map(data_source.prepare_builder(config.data))
-    for i, (image, name, res) in enumerate(zip(images, names, results)):
-      for r in range(len(res["scores"])):
-        x1, y1, x2, y2 = (float(v) for v in res["boxes"][r])
-        records.append(dict(file_name=name, image_id=i, category_id=int(res["labels"][r]),
-                            bbox=[x1, y1, x2 - x1, y2 - y1], score=float(res["scores"][r]),
-                            segmentation=encode_mask(res["masks"][r] > 0.5)))
-      pic = draw_predictions(image, res, class_names, score_threshold=FLAGS.score_threshold)
-      pic.save(os.path.join(out_dir, os.path.splitext(os.path.basename(name))[0] + "_pred.png"))
-    with open(os.path.join(out_dir, "predictions.json"), "w") as f:
-      json.dump(records, f)
+    records = export_predictions(
+        model, variables, images, names, out_dir, class_names=class_names,
+        score_threshold=FLAGS.score_threshold, min_size=int(inp.min_size),
+        max_size=int(inp.max_size), bucket=int(inp.bucket), batch_size=int(inp.batch_size))
     print(f"wrote {len(images)} pictures and predictions.json ({len(records)} detections) to "
           f"{out_dir}")
     return
@@ -203,8 +173,7 @@ def main(argv):
   if workdir is not None and jax.process_index() == 0:
     from maskrcnn_jax.training.trainer import SummaryWriter
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    writer.scalars(step, {f"{t}/{k}": summary[t][k] for t in ("bbox", "segm")
-                          for k in ("AP", "AP50", "AP75")}, "eval")
+    writer.scalars(step, evaluator.headline_metrics(summary), "eval")
     writer.flush()
   print(f"results.json, metrics.json and pictures in {out_dir}")
 

@@ -73,6 +73,7 @@ def write_inputs(out_dir: str) -> None:
   """Child: builds the torchvision model and writes its weights (.pth and .npz) and the photos."""
   import torch  # noqa: F401  (torch before anything else heavy)
   import torchvision  # noqa: F401
+
   from tests.reference import tv_models
   tv = tv_models.build_torchvision(depth=50, seed=0)
   sd = tv.state_dict()
@@ -185,6 +186,7 @@ def compile_split(model, variables, image, min_size, max_size, exact: bool) -> d
   of time on a fresh jit (so no cache of the earlier calls is hit)."""
   import jax
   import jax.numpy as jnp
+
   from maskrcnn_jax.data.preprocess import resized_size
   from maskrcnn_jax.evaluation import inference
 
@@ -205,10 +207,12 @@ def ours_stages(model, variables, image, min_size, max_size, runs):
   """Our steady-state time per stage (bucketed canvas), seconds, and the stage inputs' shapes."""
   import jax
   import jax.numpy as jnp
+
   from maskrcnn_jax.data.preprocess import normalize, resize_bilinear, resized_size
   from maskrcnn_jax.evaluation import inference
   from maskrcnn_jax.modeling.rpn import PYRAMID_LEVELS, RPNHead
   from maskrcnn_jax.ops import anchors as anchor_ops
+  from maskrcnn_jax.ops.masks import select_class_channel
 
   h0, w0 = image.shape[:2]
   h, w = resized_size(h0, w0, min_size, max_size)
@@ -242,11 +246,12 @@ def ours_stages(model, variables, image, min_size, max_size, runs):
         lambda s: anchor_ops.multilevel_anchors(grid_shapes, levels, (s[0], s[1]), cells))(ps)
     sizes = [l.shape[1] for l in logits]
     k_pre, k_post = rpn.pre_nms_topk_test, rpn.post_nms_topk_test
-    return jax.vmap(lambda lg, dl, an, av, sz: rpn._select(lg, dl, an, av, sz, sizes, k_pre, k_post))(
+    select = lambda lg, dl, an, av, sz: rpn._select(lg, dl, an, av, sz, sizes, k_pre, k_post)
+    return jax.vmap(select)(
         jnp.concatenate(logits, 1), jnp.concatenate(deltas, 1), anchors, anchor_valid, isz)
 
   def _box_pool(m, pyr, props):
-    return m.roi_align(pyr[:4], props, m.roi_align.box_output_size)
+    return m.box_pooler(dict(zip(PYRAMID_LEVELS, pyr)), props)
 
   def _box_head(m, pooled):
     return m.box_head(pooled)
@@ -256,14 +261,13 @@ def ours_stages(model, variables, image, min_size, max_size, runs):
         logits, deltas, props, valid, isz)
 
   def _mask_pool(m, pyr, boxes):
-    return m.roi_align(pyr[:4], boxes, m.roi_align.mask_output_size)
+    return m.head("mask_head").pooler(dict(zip(PYRAMID_LEVELS, pyr)), boxes)
 
   def _mask_head(m, pooled, labels):
     b, d = pooled.shape[:2]
     logits = m.mask_head(pooled.reshape((b * d,) + pooled.shape[2:]))
     logits = logits.reshape((b, d) + logits.shape[1:])
-    picked = jnp.take_along_axis(logits, labels[:, :, None, None, None], axis=-1)
-    return jax.nn.sigmoid(picked[..., 0])
+    return jax.nn.sigmoid(select_class_channel(logits, labels))
 
   def jitted(f, static=()):
     g = jax.jit(lambda v, *a: model.apply(v, *a, method=f),
@@ -272,7 +276,7 @@ def ours_stages(model, variables, image, min_size, max_size, runs):
 
   rpn_cfg = model.rpn
   head = RPNHead(len(rpn_cfg.aspect_ratios) * len(rpn_cfg.anchor_sizes[0]), rpn_cfg.channels,
-                 rpn_cfg.dtype)
+                 rpn_cfg.conv_depth, rpn_cfg.dtype)
   head_params = {"params": variables["params"]["rpn"]["head"]}
   head_fn = jax.jit(lambda p, pyr, ps: head.apply(p, pyr, ps))
 
@@ -489,7 +493,7 @@ def run_size(size, args, in_dir, tv, model, variables):
 
 
 def print_size(res, memory):
-  size, full = res["size"], res["full"]
+  full = res["full"]
   h0, w0 = res["image_shape"]
   print(f"\n== {res['photo']} {h0}x{w0}, min_size {res['min_size']}, max_size {res['max_size']} ==")
   cpu = res["cpu"]
@@ -502,7 +506,8 @@ def print_size(res, memory):
     oth = "n/a" if others[k] is None else f"{others[k]:.2f}"
     tr = ", ".join(f"{n} {c}" for n, c in res["traces"].get(k, {}).items()) or "-"
     print(f"{('ours ' + k) if k != 'torchvision' else k:16s} {full[k]:7.3f}"
-          f" {full[k] / full['torchvision']:7.2f} {best[k]:7.3f} {best[k] / best['torchvision']:7.2f}"
+          f" {full[k] / full['torchvision']:7.2f} {best[k]:7.3f}"
+          f" {best[k] / best['torchvision']:7.2f}"
           f" {cpu[k]:6.2f} {cpu[k] / cpu['torchvision']:7.2f} {oth:>6s} {res['first'][k]:7.1f}"
           f" {comp_s}  {tr}")
   print(f"  (wall: median, best: fastest of the {len(res['runs_wall']['torchvision'])} runs; CPU: "
@@ -531,7 +536,8 @@ def print_size(res, memory):
     oi, ti = res["ours_info"], res["tv_info"]
     oth = lambda v: "n/a" if v is None else f"{v:.2f}"
     print(f"per stage, steady state, fastest of {res['stage_runs']} (ours on the "
-          f"{oi['canvas'][0]}x{oi['canvas'][1]} bucketed canvas, {oi['n_det']} of {oi['slots']} mask"
+          f"{oi['canvas'][0]}x{oi['canvas'][1]} bucketed canvas, {oi['n_det']} of {oi['slots']}"
+          " mask"
           f" slots used; torchvision on {ti['padded'][0]}x{ti['padded'][1]}, {ti['n_det']} "
           f"detections; others' cores busy: {oth(oi['others'])} / {oth(ti['others'])})")
     print(f"{'stage':48s} {'ours s':>8s} {'tv s':>8s} {'ours/tv':>8s}")
@@ -542,17 +548,19 @@ def print_size(res, memory):
       print(f"{label:48s} {o[key]:8.3f} {t[key]:8.3f} {o[key] / max(t[key], 1e-9):8.2f}")
     print(f"{'sum of stages':48s} {so:8.3f} {st_:8.3f} {so / st_:8.2f}")
     print(f"  ours: whole jitted forward {o['forward']:.3f} s = backbone + FPN {o['features']:.3f}"
-          f" + rest {o['forward'] - o['features']:.3f}; mask paste kernels alone {o['paste']:.3f} s;"
+          f" + rest {o['forward'] - o['features']:.3f}; mask paste kernels alone"
+          f" {o['paste']:.3f} s;"
           f" stage jits compiled in {oi['stage_compile_s']:.0f} s")
     print(f"  RPN as one call: ours {o['rpn']:.3f} s, torchvision {t['rpn']:.3f} s; torchvision "
           f"tensors to numpy {t['numpy'] * 1e3:.1f} ms")
 
 
 def markdown(results, memories, args, header):
-  lines = [f"### End-to-end inference vs torchvision (`benchmarks/bench_inference.py`)", "",
+  lines = ["### End-to-end inference vs torchvision (`benchmarks/bench_inference.py`)", "",
            header, "",
            "| input | ours bucketed s | ours exact s | torchvision s | bucketed/tv | exact/tv "
-           "| best-of bucketed/tv | CPU s bucketed/tv | others' cores | compile s (bucketed, exact) "
+           "| best-of bucketed/tv | CPU s bucketed/tv | others' cores "
+           "| compile s (bucketed, exact) "
            "| peak RSS MB ours / tv | +infer MB ours / tv | +steady MB ours / tv |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for res in results:
@@ -578,7 +586,8 @@ def markdown(results, memories, args, header):
         f"| {'n/a' if oth is None else f'{oth:.1f}'} | {comp} | {mem} |")
   staged = [r for r in results if "ours_stages" in r]
   if staged:
-    lines += ["", "Per stage, steady state, fastest of a few runs, seconds (ours / torchvision):", "",
+    lines += ["",
+              "Per stage, steady state, fastest of a few runs, seconds (ours / torchvision):", "",
               "| stage | " + " | ".join(f"{r['size']}" for r in staged) + " |",
               "| --- |" + " --- |" * len(staged)]
     for key, label in STAGE_ROWS:
@@ -630,9 +639,9 @@ def main():
         print(f"memory {side} at {size}: {memories[size][side]} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
 
+  import jax
   import torch  # torch and torchvision before anything that might import TensorFlow.
   import torchvision
-  import jax
 
   tv = load_torchvision(in_dir)
   model, variables = load_ours(in_dir)

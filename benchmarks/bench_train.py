@@ -1,4 +1,4 @@
-"""One training step of Mask R-CNN R50-FPN: ours (jit(value_and_grad) + optax) vs torchvision, on CPU.
+"""One Mask R-CNN R50-FPN training step, ours (jit(value_and_grad) + optax) vs torchvision, on CPU.
 
 Same starting weights: torchvision's `maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)`
 random init with every BatchNorm2d replaced by a FrozenBatchNorm2d (the usual fine-tuning setting,
@@ -15,8 +15,8 @@ images and full-image uint8 masks; ours gets the images normalized as torchvisio
 pipeline makes them (`roi_align(mask, box, 112, 1, sampling_ratio=1, aligned=True)`).
 
 Same optimizer: SGD, lr 0.01, momentum 0.9, weight decay 1e-4 on every trained parameter
-(torch.optim.SGD; optax add_decayed_weights + sgd(momentum), the same update). The loss is the sum of
-the five losses on both sides. The same batch is fed at every step; the sampling key changes.
+(torch.optim.SGD; optax add_decayed_weights + sgd(momentum), the same update). The loss is the sum
+of the five losses on both sides. The same batch is fed at every step; the sampling key changes.
 
 Measured, each side in its own subprocess (inputs and weights written to a temporary directory by a
 third; our process never imports torch), torch with 2 threads and flush-to-zero, jax with its
@@ -59,7 +59,7 @@ BATCH = 2
 MAX_INSTANCES = 100
 CROP = 112
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-4
-MASK_ROIS = 128  # torchvision_model_config's mask_head.num_rois
+MASK_ROIS = 128  # torchvision_model_config's mask_sampler.num_rois
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # torchvision's GeneralizedRCNNTransform
 STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -76,7 +76,8 @@ def frozen_bn_torchvision(images, seed: int = 0):
   last BatchNorm of every residual branch scales by 0.2, so activations stay O(1) through the 16
   blocks, as in a pretrained backbone. From the untouched init (identity statistics) or the
   randomized ones of `tests/reference/tv_models`, SGD at lr 0.01 diverges to NaN within two steps
-  (torchvision: losses ~1e10 at step 2), and a NaN step is not the computation to time (torchvision's
+  (torchvision: losses ~1e10 at step 2), and a NaN step is not the computation to time
+  (torchvision's
   step time dropped from ~18 s to ~10 s once NaN).
 
   Args:
@@ -247,6 +248,7 @@ def run_ours(in_dir: str, steps: int, warmup: int) -> dict:
   import jax
   import jax.numpy as jnp
   import optax
+
   from maskrcnn_jax.convert.torchvision import from_torchvision
   from maskrcnn_jax.modeling.builder import torchvision_model_config
 
@@ -257,15 +259,15 @@ def run_ours(in_dir: str, steps: int, warmup: int) -> dict:
   params, batch_stats = variables["params"], variables["batch_stats"]
   data = np.load(os.path.join(in_dir, "batch.npz"))
   images = (data["images"] - MEAN) / STD
-  batch = (jnp.asarray(images), jnp.full((BATCH, 2), SIZE, jnp.int32),
-           jnp.asarray(data["gt_boxes"]), jnp.asarray(data["gt_classes"]),
-           jnp.asarray(data["gt_valid"]), jnp.asarray(data["gt_masks"]))
+  batch = dict(image=jnp.asarray(images), image_size=jnp.full((BATCH, 2), SIZE, jnp.int32),
+               gt_boxes=jnp.asarray(data["gt_boxes"]), gt_classes=jnp.asarray(data["gt_classes"]),
+               gt_valid=jnp.asarray(data["gt_valid"]), gt_masks=jnp.asarray(data["gt_masks"]))
   tx = optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(LR, momentum=MOMENTUM))
   traces = [0]
 
   def loss_fn(p, batch, key):
-    out = model.apply({"params": p, "batch_stats": batch_stats}, *batch, rngs={"sampling": key},
-                      method=model.losses)
+    out = model.apply({"params": p, "batch_stats": batch_stats}, batch,
+                      jax.random.split(key, BATCH), method=model.losses)
     return sum(out[k] for k in LOSS_NAMES), out
 
   def train_step(state, batch, key):
@@ -297,7 +299,8 @@ def run_ours(in_dir: str, steps: int, warmup: int) -> dict:
   median = _common.median(steady)
   return dict(times=times, first=times[0], median=median, spread=_common.spread(steady),
               cpu_median=_common.median(steady_cpu), compile=times[0] - median,
-              fg_rois=[h["num_fg_rois"] for h in history], traces=traces[0], donated=bool(holder["donated"]),
+              fg_rois=[h["num_fg_rois"] for h in history], traces=traces[0],
+              donated=bool(holder["donated"]),
               losses_first=history[0], losses_last=history[-1], n_trained=n_trained,
               jax_version=jax.__version__,
               finite=bool(all(np.isfinite(v) for h in history for v in h.values())), **r)

@@ -1,4 +1,5 @@
-"""torchvision-style Mask R-CNN with a ResNet-101-FPN backbone (`resnet_fpn_backbone('resnet101')`)."""
+"""torchvision-style Mask R-CNN with a ResNet-101-FPN backbone
+(`resnet_fpn_backbone('resnet101')`)."""
 from configs import base
 
 

@@ -1,4 +1,4 @@
-"""Exactly torchvision's `maskrcnn_resnet50_fpn` (v1): the config `convert.from_torchvision` builds."""
+"""Exactly torchvision's `maskrcnn_resnet50_fpn` (v1), as `convert.from_torchvision` builds it."""
 from configs import base
 
 

@@ -16,7 +16,24 @@ CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0]
 
 
 def test_every_config_is_listed():
-  assert {"base", "shapes", "tiny", "torchvision_r50_fpn", "r50_fpn_coco"} <= set(CONFIGS)
+  assert {"base", "shapes", "tiny", "torchvision_r50_fpn", "r50_fpn_coco",
+          "torchvision_fasterrcnn_r50_fpn", "torchvision_fasterrcnn_r50_fpn_v2",
+          "torchvision_maskrcnn_r50_fpn_v2"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name,version,mask", [
+    ("torchvision_r50_fpn", 1, True), ("torchvision_fasterrcnn_r50_fpn", 1, False),
+    ("torchvision_fasterrcnn_r50_fpn_v2", 2, False), ("torchvision_maskrcnn_r50_fpn_v2", 2, True)])
+def test_torchvision_configs_are_the_models_from_torchvision_builds(name, version, mask):
+  """Each torchvision config builds exactly the model `from_torchvision` makes of that
+  constructor's state_dict (checked on the state_dict's key names alone, no torch needed)."""
+  import importlib
+
+  from maskrcnn_jax.modeling import torchvision_model_config
+  model = build_model(importlib.import_module(f"configs.{name}").get_config().model)
+  assert model == build_model(torchvision_model_config(50, 91, version, mask))
+  assert model.head_names == (("mask_head",) if mask else ())
+  assert model.backbone.norm == ("bn" if version == 2 else "frozen_bn")
 
 
 @pytest.mark.parametrize("name", CONFIGS)

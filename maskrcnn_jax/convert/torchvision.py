@@ -1,4 +1,5 @@
-"""torchvision Mask R-CNN `state_dict` -> maskrcnn_jax variables (numpy only; torch only for `.pth`).
+"""torchvision detection `state_dict`s -> maskrcnn_jax models and variables (numpy only; torch only
+for `.pth`): Faster and Mask R-CNN, v1 and v2, ResNet-50 and -101 FPN backbones.
 
 Every one of our variables has exactly one torchvision name (`torch_names` lists the spellings that
 torchvision releases used), so a state_dict converts one to one and any missing, unexpected or
@@ -6,7 +7,7 @@ mis-shaped key is reported by name.
 """
 import pickle
 import re
-from typing import Any, Dict, List, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -14,63 +15,105 @@ import numpy as np
 from flax import traverse_util
 
 from maskrcnn_jax.modeling.builder import build_model, torchvision_model_config
-from maskrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from maskrcnn_jax.modeling.mask_rcnn import MaskRCNN, init_variables
+from maskrcnn_jax.modeling.resnet import _STAGES
 
 _BACKBONES = {"resnet50": 50, "resnet101": 101}
 _IGNORED = re.compile(r".*num_batches_tracked$")
 
 
-def torch_names(collection: str, path: Tuple[str, ...]) -> Tuple[List[str], str]:
+_NORM_LEAVES = {"scale": "weight", "bias": "bias", "weight": "weight",
+                "running_mean": "running_mean", "running_var": "running_var"}
+
+
+def _backbone_parts(mid, norm_index: str):
+  parts = []
+  for p in mid:
+    m = re.fullmatch(r"layer(\d)_(\d+)", p)
+    if m:
+      parts += [f"layer{m[1]}", m[2]]
+    elif p in ("downsample_conv", "downsample_bn"):
+      parts += ["downsample", "0" if p == "downsample_conv" else norm_index]
+    else:
+      parts.append(p)
+  return parts
+
+
+def torch_names(collection: str, path: Tuple[str, ...],
+                model: MaskRCNN = None) -> Optional[Tuple[List[str], str]]:
   """torchvision key(s) of one of our variables, and how to lay its array out.
 
   Args:
     collection: 'params' or 'batch_stats'.
     path: the variable's path in that collection, e.g. ('backbone', 'layer1_0', 'conv1', 'kernel').
+    model: the model the path belongs to (its box head's conv count places the v2 fcs); default:
+      torchvision v1's layout.
 
   Returns:
     (candidate torchvision keys, newest spelling first; layout) with layout one of 'conv', 'dense',
-    'fc6', 'deconv', 'vector'.
+    'fc6', 'deconv', 'vector'; or None for a variable with no torchvision counterpart (a part
+    torchvision does not have, e.g. a head registered outside the package).
   """
   top, *mid, leaf = path
-  if collection == "batch_stats":  # FrozenBatchNorm / BatchNorm2d buffers
-    if top != "backbone":
-      raise KeyError(path)
-    parts = []
-    for p in mid:
-      m = re.fullmatch(r"layer(\d)_(\d+)", p)
-      parts += [f"layer{m[1]}", m[2]] if m else (["downsample", "1"] if p == "downsample_bn" else [p])
-    return [".".join(["backbone.body"] + parts + [leaf])], "vector"
+  if leaf in _NORM_LEAVES and (collection == "batch_stats" or
+                               (mid and re.fullmatch(r"(bn\d|downsample_bn|.*norm.*)", mid[-1]))):
+    return _norm_names(top, mid, _NORM_LEAVES[leaf])
+  if leaf not in ("kernel", "bias"):
+    return None
   tleaf = {"kernel": "weight", "bias": "bias"}[leaf]
   layout = "vector" if leaf == "bias" else "conv"
   if top == "backbone":
-    parts = []
-    for p in mid:
-      m = re.fullmatch(r"layer(\d)_(\d+)", p)
-      parts += [f"layer{m[1]}", m[2]] if m else (["downsample", "0"] if p == "downsample_conv" else [p])
-    return [".".join(["backbone.body"] + parts + [tleaf])], layout
+    return [".".join(["backbone.body"] + _backbone_parts(mid, "1") + [tleaf])], layout
   if top == "fpn":
     kind, i = mid[0].rsplit("_", 1)
     return [f"backbone.fpn.{kind}.{i}.0.{tleaf}", f"backbone.fpn.{kind}.{i}.{tleaf}"], layout
   if top == "rpn":
     name = mid[1]
-    if name == "conv":
-      return [f"rpn.head.conv.0.0.{tleaf}", f"rpn.head.conv.{tleaf}"], layout
+    m = re.fullmatch(r"conv_(\d+)", name)
+    if m:
+      old = [f"rpn.head.conv.{tleaf}"] if m[1] == "0" else []
+      return [f"rpn.head.conv.{m[1]}.0.{tleaf}"] + old, layout
     return [f"rpn.head.{name}.{tleaf}"], layout
   if top == "box_head":
     name = mid[0]
-    owner = "box_head" if name in ("fc6", "fc7") else "box_predictor"
+    m = re.fullmatch(r"conv(\d+)", name)
+    if m:
+      return [f"roi_heads.box_head.{int(m[1]) - 1}.0.{tleaf}"], layout
+    m = re.fullmatch(r"fc(\d+)", name)
+    if m:
+      j = int(m[1]) - 6
+      n_conv = len(model.box_head.conv_layers) if model is not None else 0
+      if leaf == "kernel":
+        layout = "fc6" if j == 0 else "dense"
+      return [f"roi_heads.box_head.fc{j + 6}.{tleaf}",
+              f"roi_heads.box_head.{n_conv + 1 + 2 * j}.{tleaf}"], layout
     if leaf == "kernel":
-      layout = "fc6" if name == "fc6" else "dense"
-    return [f"roi_heads.{owner}.{name}.{tleaf}"], layout
+      layout = "dense"
+    return [f"roi_heads.box_predictor.{name}.{tleaf}"], layout
   if top == "mask_head":
     name = mid[0]
     if name.startswith("mask_fcn") and name != "mask_fcn_logits":
       i = int(name[len("mask_fcn"):]) - 1
-      return [f"roi_heads.mask_head.{i}.0.{tleaf}", f"roi_heads.mask_head.mask_fcn{i + 1}.{tleaf}"], layout
+      return [f"roi_heads.mask_head.{i}.0.{tleaf}",
+              f"roi_heads.mask_head.mask_fcn{i + 1}.{tleaf}"], layout
     if name == "conv5_mask" and leaf == "kernel":
       layout = "deconv"
     return [f"roi_heads.mask_predictor.{name}.{tleaf}"], layout
-  raise KeyError(path)
+  return None
+
+
+def _norm_names(top: str, mid, tleaf: str) -> Optional[Tuple[List[str], str]]:
+  """torchvision keys of a norm layer's variable (BatchNorm2d / FrozenBatchNorm2d / GroupNorm)."""
+  if top == "backbone":
+    return [".".join(["backbone.body"] + _backbone_parts(mid, "1") + [tleaf])], "vector"
+  name = mid[-1]
+  if top == "fpn":
+    kind, i = name.replace("_norm", "").rsplit("_", 1)
+    return [f"backbone.fpn.{kind}.{i}.1.{tleaf}"], "vector"
+  m = re.fullmatch(r"(?:mask_)?norm(\d+)", name)
+  if top in ("box_head", "mask_head") and m:
+    return [f"roi_heads.{top}.{int(m[1]) - 1}.1.{tleaf}"], "vector"
+  return None
 
 
 def _to_ours(arr: np.ndarray, layout: str, pooled: int) -> np.ndarray:
@@ -124,67 +167,142 @@ def load_state_dict(state_dict_or_path: Union[str, Mapping[str, Any]]) -> Dict[s
   return {k: v for k, v in sd.items()}
 
 
+def _match(model: MaskRCNN, sd: Mapping[str, Any], prefix: str = "", strip: str = ""):
+  """Every variable of `model` paired with its torchvision key in `sd`.
+
+  Returns (variables with the converted leaves, report) where report lists torchvision names:
+  'loaded', 'missing' (with our path and shape), 'mis-shaped' (with both shapes), 'unexpected'
+  (keys of sd nothing of ours reads), and 'no_counterpart' (our variables torchvision has no
+  name for, as collection/path).
+  """
+  shapes = jax.eval_shape(lambda key: init_variables(model, key), jax.random.key(0))
+  pooled = model.box_pooler.output_size
+  report = {"loaded": [], "missing": [], "mis-shaped": [], "unexpected": [], "no_counterpart": []}
+  used = set()
+  out: Dict[str, Dict] = {}
+  for collection, tree in shapes.items():
+    conv = {}
+    for path, spec in traverse_util.flatten_dict(tree).items():
+      found = torch_names(collection, path, model)
+      if found is None:
+        report["no_counterpart"].append(f"{collection}/{'/'.join(path)}")
+        continue
+      names, layout = found
+      if not names[0].startswith(prefix):
+        continue
+      names = [n[len(strip):] if strip and n.startswith(strip) else n for n in names]
+      key = next((n for n in names if n in sd), None)
+      if key is None:
+        report["missing"].append(f"{names[0]} (for {collection}/{'/'.join(path)}, shape "
+                                 f"{spec.shape})")
+        continue
+      used.add(key)
+      arr = _to_ours(_as_numpy(sd[key]), layout, pooled)
+      if arr.shape != spec.shape:
+        report["mis-shaped"].append(f"{key} (got {tuple(_as_numpy(sd[key]).shape)}, expected "
+                                    f"{spec.shape} in our layout: {layout})")
+        continue
+      conv[path] = jnp.asarray(arr)
+      report["loaded"].append(key)
+    out[collection] = traverse_util.unflatten_dict(conv)
+  report["unexpected"] = sorted(k for k in sd if k not in used and not _IGNORED.match(k))
+  return out, report
+
+
+def _describe(report, kinds=("missing", "unexpected", "mis-shaped", "no_counterpart")) -> List[str]:
+  titles = {"no_counterpart": "variables with no torchvision counterpart"}
+  return [f"{titles.get(kind, kind + ' keys')} ({len(report[kind])}): " + "; ".join(report[kind])
+          for kind in kinds if report[kind]]
+
+
 def variables_from_state_dict(model: MaskRCNN, state_dict: Mapping[str, Any]) -> Dict[str, Any]:
   """Converts a torchvision state_dict into `model`'s variables.
 
   Raises:
-    ValueError naming every missing, unexpected and mis-shaped key.
+    ValueError naming every missing, unexpected and mis-shaped key, and every part of the model
+    torchvision has no counterpart for (e.g. a head registered outside the package: use
+    `convert_matching`, which leaves such parts to the caller's initialization).
   """
-  shapes = jax.eval_shape(
-      model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.array([[64, 64]]),
-      jnp.array([[64, 64]]))
-  sd = dict(state_dict)
-  used, missing, misshaped = set(), [], []
-  out: Dict[str, Dict] = {}
-  for collection, tree in shapes.items():
-    flat = traverse_util.flatten_dict(jax.tree.map(lambda s: s, tree))
-    conv = {}
-    for path, spec in flat.items():
-      names, layout = torch_names(collection, path)
-      key = next((n for n in names if n in sd), None)
-      if key is None:
-        missing.append(f"{names[0]} (for {collection}/{'/'.join(path)}, shape {spec.shape})")
-        continue
-      used.add(key)
-      arr = _to_ours(_as_numpy(sd[key]), layout, model.roi_align.box_output_size)
-      if arr.shape != spec.shape:
-        misshaped.append(f"{key}: got {tuple(_as_numpy(sd[key]).shape)}, "
-                         f"expected {spec.shape} in our layout ({layout})")
-        continue
-      conv[path] = jnp.asarray(arr)
-    out[collection] = traverse_util.unflatten_dict(conv)
-  unexpected = sorted(k for k in sd if k not in used and not _IGNORED.match(k))
-  if missing or unexpected or misshaped:
-    lines = []
-    if missing:
-      lines.append(f"missing keys ({len(missing)}): " + "; ".join(missing))
-    if unexpected:
-      lines.append(f"unexpected keys ({len(unexpected)}): " + "; ".join(unexpected))
-    if misshaped:
-      lines.append(f"mis-shaped keys ({len(misshaped)}): " + "; ".join(misshaped))
+  variables, report = _match(model, dict(state_dict))
+  lines = _describe(report)
+  if lines:
     raise ValueError("state_dict does not fit the model:\n  " + "\n  ".join(lines))
-  return out
+  return variables
 
 
-def from_torchvision(state_dict_or_path, num_classes: int = 91, backbone: str = "resnet50",
-                     model_config=None) -> Tuple[MaskRCNN, Dict[str, Any]]:
-  """Builds a torchvision-v1-configured MaskRCNN and its variables from a torchvision state_dict.
+def _count_blocks(sd: Mapping[str, Any], stage: int) -> int:
+  pattern = re.compile(rf"backbone\.body\.layer{stage}\.(\d+)\.conv1\.weight$")
+  return len({m[1] for m in map(pattern.match, sd) if m})
+
+
+def describe_state_dict(sd: Mapping[str, Any]) -> Dict[str, Any]:
+  """Which torchvision detection model a state_dict holds, from its keys and shapes.
+
+  Returns:
+    {'version': 1 or 2, 'depth': 50 or 101 (or another ResNet's), 'mask': bool, 'num_classes':
+    int}.
+
+  Raises:
+    ValueError: the keys are not those of a torchvision Faster / Mask R-CNN with a ResNet-FPN.
+  """
+  if "roi_heads.box_predictor.cls_score.weight" not in sd or not _count_blocks(sd, 1):
+    sample = ", ".join(sorted(sd)[:5])
+    raise ValueError("not a torchvision Faster/Mask R-CNN ResNet-FPN state_dict (no "
+                     f"roi_heads.box_predictor.cls_score.weight or backbone.body.layer1; keys "
+                     f"begin {sample})")
+  blocks = tuple(_count_blocks(sd, s) for s in (1, 2, 3, 4))
+  depths = {v: k for k, v in _STAGES.items()}
+  if blocks not in depths:
+    raise ValueError(f"the backbone has {blocks} blocks per stage, not a ResNet of depths "
+                     f"{sorted(_STAGES)}")
+  v2 = "roi_heads.box_head.0.0.weight" in sd or "backbone.fpn.inner_blocks.0.1.weight" in sd
+  return dict(version=2 if v2 else 1, depth=depths[blocks],
+              mask=any(k.startswith("roi_heads.mask_predictor.") for k in sd),
+              num_classes=int(_as_numpy(sd["roi_heads.box_predictor.cls_score.weight"]).shape[0]))
+
+
+def from_torchvision(state_dict_or_path, num_classes: Optional[int] = None,
+                     backbone: Optional[str] = None, model_config=None,
+                     frozen_bn_eps: float = 1e-5) -> Tuple[MaskRCNN, Dict[str, Any]]:
+  """Builds the model a torchvision detection state_dict holds, and its variables.
+
+  The model is worked out from the keys and shapes (`describe_state_dict`):
+  `fasterrcnn_resnet50_fpn` / `maskrcnn_resnet50_fpn` (v1), their `_v2` forms, on a ResNet-50 or
+  -101 (or other depth) FPN backbone, with any number of classes.
 
   Args:
     state_dict_or_path: `model.state_dict()` (tensors or numpy arrays), or a `.pth` path. Both the
       BatchNorm2d form (random init) and the FrozenBatchNorm2d form (published weights) load.
-    num_classes: including background (91 for torchvision's COCO weights).
-    backbone: 'resnet50' or 'resnet101'.
+    num_classes: including background; None: as the state_dict holds (checked when given).
+    backbone: 'resnet50' or 'resnet101'; None: as the state_dict holds (checked when given).
     model_config: optional `config.model` tree to build instead of torchvision's defaults.
+    frozen_bn_eps: the backbone norm's epsilon (state_dicts do not hold it): torchvision's
+      constructors use 1e-5, and its published v1 COCO weights were evaluated with 0
+      (`frozen_bn_eps=0.0`).
 
   Returns:
     (model, variables) with variables = {'params': ..., 'batch_stats': ...}.
+
+  Raises:
+    ValueError: the state_dict is not such a model, does not fit `model_config`, or disagrees
+      with `num_classes` / `backbone`.
   """
-  if backbone not in _BACKBONES:
+  if backbone is not None and backbone not in _BACKBONES:
     raise ValueError(f"backbone must be one of {sorted(_BACKBONES)}, got {backbone!r}")
-  cfg = model_config or torchvision_model_config(_BACKBONES[backbone], num_classes)
-  model = build_model(cfg)
-  return model, variables_from_state_dict(model, load_state_dict(state_dict_or_path))
+  sd = load_state_dict(state_dict_or_path)
+  if model_config is None:
+    found = describe_state_dict(sd)
+    if backbone is not None and _BACKBONES[backbone] != found["depth"]:
+      raise ValueError(f"backbone={backbone!r}, but the state_dict holds a "
+                       f"ResNet-{found['depth']} backbone")
+    if num_classes is not None and int(num_classes) != found["num_classes"]:
+      raise ValueError(f"num_classes={num_classes}, but the state_dict's box predictor "
+                       f"(roi_heads.box_predictor.cls_score) has {found['num_classes']} classes")
+    model_config = torchvision_model_config(found["depth"], found["num_classes"],
+                                            found["version"], found["mask"])
+    model_config.backbone.norm_eps = float(frozen_bn_eps)
+  model = build_model(model_config)
+  return model, variables_from_state_dict(model, sd)
 
 
 def convert_matching(model: MaskRCNN, state_dict: Mapping[str, Any], prefix: str = "",
@@ -192,7 +310,8 @@ def convert_matching(model: MaskRCNN, state_dict: Mapping[str, Any], prefix: str
   """The variables of `model` that a state_dict holds with the right shape, and what it lacks.
 
   Lenient `variables_from_state_dict`: for fine-tuning from weights of another configuration
-  (e.g. other num_classes), where the caller keeps its own initialization of what is left out.
+  (e.g. other num_classes, or a head torchvision does not have), where the caller keeps its own
+  initialization of what is left out.
 
   Args:
     model: the MaskRCNN to fill.
@@ -203,38 +322,11 @@ def convert_matching(model: MaskRCNN, state_dict: Mapping[str, Any], prefix: str
 
   Returns:
     (variables, report): variables {'params': ..., 'batch_stats': ...} (nested dicts with only the
-    converted leaves), report {'loaded': [...], 'missing': [...], 'mis-shaped': [...],
-    'unexpected': [...]} of torchvision names ('mis-shaped' entries also give both shapes).
+    converted leaves), report {'loaded', 'missing', 'mis-shaped', 'unexpected',
+    'no_counterpart'} lists ('mis-shaped' entries also give both shapes; 'no_counterpart' names
+    our variables torchvision has no key for).
   """
-  shapes = jax.eval_shape(
-      model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.array([[64, 64]]),
-      jnp.array([[64, 64]]))
-  sd = dict(state_dict)
-  report = {"loaded": [], "missing": [], "mis-shaped": [], "unexpected": []}
-  used = set()
-  out: Dict[str, Dict] = {}
-  for collection, tree in shapes.items():
-    conv = {}
-    for path, spec in traverse_util.flatten_dict(tree).items():
-      names, layout = torch_names(collection, path)
-      if not names[0].startswith(prefix):
-        continue
-      names = [n[len(strip):] if strip and n.startswith(strip) else n for n in names]
-      key = next((n for n in names if n in sd), None)
-      if key is None:
-        report["missing"].append(names[0])
-        continue
-      used.add(key)
-      arr = _to_ours(_as_numpy(sd[key]), layout, model.roi_align.box_output_size)
-      if arr.shape != spec.shape:
-        report["mis-shaped"].append(
-            f"{key} (got {tuple(_as_numpy(sd[key]).shape)}, want {spec.shape} in our layout)")
-        continue
-      conv[path] = jnp.asarray(arr)
-      report["loaded"].append(key)
-    out[collection] = traverse_util.unflatten_dict(conv)
-  report["unexpected"] = sorted(k for k in sd if k not in used and not _IGNORED.match(k))
-  return out, report
+  return _match(model, dict(state_dict), prefix, strip)
 
 
 def variables_from_resnet_state_dict(model: MaskRCNN, state_dict_or_path) -> Dict[str, Any]:
@@ -242,7 +334,7 @@ def variables_from_resnet_state_dict(model: MaskRCNN, state_dict_or_path) -> Dic
 
   Keys are torchvision's classification names ('conv1.weight', 'layer1.0.bn1.running_mean', ...):
   the Mask R-CNN names of `torch_names` with 'backbone.body.' stripped. The classifier ('fc.*') is
-  ignored. BatchNorm weights and statistics become our frozen BatchNorm's `batch_stats`.
+  ignored. BatchNorm weights and statistics become the backbone norm's variables.
 
   Returns:
     {'params': {'backbone': ...}, 'batch_stats': {'backbone': ...}}.
@@ -253,12 +345,8 @@ def variables_from_resnet_state_dict(model: MaskRCNN, state_dict_or_path) -> Dic
   sd = load_state_dict(state_dict_or_path)
   variables, report = convert_matching(model, sd, prefix="backbone.body.",
                                        strip="backbone.body.")
-  unexpected = [k for k in report["unexpected"] if not k.startswith("fc.")]
-  lines = []
-  for kind, items in (("missing", report["missing"]), ("mis-shaped", report["mis-shaped"]),
-                      ("unexpected", unexpected)):
-    if items:
-      lines.append(f"{kind} keys ({len(items)}): " + "; ".join(items))
+  report = dict(report, unexpected=[k for k in report["unexpected"] if not k.startswith("fc.")])
+  lines = _describe(report, ("missing", "mis-shaped", "unexpected"))
   if lines:
     raise ValueError("ResNet state_dict does not fit the backbone:\n  " + "\n  ".join(lines))
   return variables

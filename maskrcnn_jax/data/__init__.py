@@ -12,6 +12,7 @@ _LAZY = {
     "make_dataset": "maskrcnn_jax.data.pipeline",
     "make_eval_dataset": "maskrcnn_jax.data.pipeline",
     "make_train_dataset": "maskrcnn_jax.data.pipeline",
+    "read_examples": "maskrcnn_jax.data.pipeline",
     "generate_shapes": "maskrcnn_jax.data.shapes",
 }
 

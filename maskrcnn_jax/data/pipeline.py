@@ -100,6 +100,48 @@ def host_split(split, process_index=None, process_count=None):
   return tfds.even_splits(split, n=process_count)[process_index]
 
 
+def read_split(builder, split, *, shuffle=False, seed=0, process_index=None, process_count=None):
+  """The one reader of a prepared split: a `tf.data.Dataset` of this host's examples with the
+  image still encoded (bytes), for `build_dataset` (training and fixed-shape evaluation batches)
+  and `read_examples` (evaluation through `predict`'s torchvision-exact preprocessing).
+
+  Args:
+    builder: a prepared tfds builder, or its directory.
+    split: tfds split, e.g. 'validation'.
+    shuffle: shuffle the files (seeded by `seed`); off: the stored order.
+    process_index, process_count: this host's share (`host_split`).
+  """
+  builder = _as_builder(builder)
+  read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False,
+                                interleave_cycle_length=16 if shuffle else 1)
+  return builder.as_dataset(split=host_split(split, process_index, process_count),
+                            shuffle_files=bool(shuffle), read_config=read_config,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def read_examples(builder, split, max_images=None):
+  """Yields `(image, example, error)` for each image of `split` in the stored order: image a
+  decoded [H, W, 3] uint8 RGB array (None when it fails to decode, with `error` saying why, so a
+  bad file is reported and skipped, not fatal), example the prepared record as numpy (boxes,
+  RLE masks, ids in original pixels), error None otherwise.
+
+  Args:
+    builder: a prepared tfds builder, or its directory.
+    split: tfds split.
+    max_images: stop after this many images (None: all).
+  """
+  ds = read_split(builder, split)
+  for i, ex in enumerate(tfds.as_numpy(ds)):
+    if max_images is not None and i >= max_images:
+      return
+    try:
+      image = tf.io.decode_image(ex["image"], channels=3, expand_animations=False).numpy()
+    except (tf.errors.InvalidArgumentError, ValueError) as err:
+      yield None, ex, f"{ex['image/filename'].decode()}: {str(err).splitlines()[0]}"
+      continue
+    yield image, ex, None
+
+
 def _as_builder(builder):
   if isinstance(builder, (str, os.PathLike)):
     return tfds.builder_from_directory(os.fspath(builder))
@@ -135,11 +177,8 @@ def build_dataset(builder, split, *, batch_size, training, image_size=(1024, 102
         mask_dtype=mask_dtype)
   chain = T.compose(list(transforms) + [_add_example_valid, T.select(OUTPUT_KEYS)])
 
-  sub_split = host_split(split, process_index, process_count)
-  read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False,
-                                interleave_cycle_length=16 if shuffle else 1)
-  ds = builder.as_dataset(split=sub_split, shuffle_files=shuffle, read_config=read_config,
-                          decoders={"image": tfds.decode.SkipDecoding()})
+  ds = read_split(builder, split, shuffle=shuffle, seed=seed, process_index=process_index,
+                  process_count=process_count)
   if not keep_empty:
     ds = ds.filter(_has_objects)
   if shuffle:

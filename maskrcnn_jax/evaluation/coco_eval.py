@@ -59,7 +59,8 @@ def to_coco_results(image_id: int, result: Mapping[str, np.ndarray],
   return out
 
 
-def evaluate(gt: Any, results: Sequence[Mapping[str, Any]], iou_types: Iterable[str] = ("bbox", "segm"),
+def evaluate(gt: Any, results: Sequence[Mapping[str, Any]],
+             iou_types: Iterable[str] = ("bbox", "segm"),
              image_ids: Optional[Sequence[int]] = None, verbose: bool = True) -> Dict[str, Any]:
   """Runs COCOeval for each IoU type.
 

@@ -1,5 +1,9 @@
 """Evaluation of a model on a prepared dataset split: jitted bucketed inference, COCO results JSON,
-COCOeval box and mask AP, pictures. Used by eval.py and by periodic evaluation during training."""
+COCOeval for every task the model predicts (bbox, and segm with a mask head), pictures. Used by
+eval.py and by periodic evaluation during training.
+
+The split is read by `data.read_examples` (the pipeline's reader) and every image goes through
+`predict`'s torchvision-exact preprocessing; the ground truth is rebuilt from the same records."""
 import json
 import os
 from typing import Any, Dict, List, Optional
@@ -22,24 +26,6 @@ def load_label_map(builder):
   label_to_category = {int(c["contiguous_id"]): int(c["category_id"]) for c in cats}
   names = ["background"] + [c["name"] for c in sorted(cats, key=lambda c: c["contiguous_id"])]
   return label_to_category, names
-
-
-def _examples(builder, split, max_images):
-  """Yields (image uint8 [H, W, 3] or None, example) per image, decoding images one at a time so
-  that a file that fails to decode is reported and skipped, not fatal."""
-  import tensorflow as tf
-  import tensorflow_datasets as tfds
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={"image": tfds.decode.SkipDecoding()})
-  for i, ex in enumerate(tfds.as_numpy(ds)):
-    if max_images is not None and i >= max_images:
-      return
-    try:
-      image = tf.io.decode_image(ex["image"], channels=3, expand_animations=False).numpy()
-    except (tf.errors.InvalidArgumentError, ValueError) as err:
-      yield None, ex, f"{ex['image/filename'].decode()}: {str(err).splitlines()[0]}"
-      continue
-    yield image, ex, None
 
 
 def _gt_records(ex) -> Dict[str, List[Dict[str, Any]]]:
@@ -83,7 +69,8 @@ def evaluate_split(model, variables, builder, split: str, *, min_size: int, max_
     gt_json: score against this annotation file instead of the ground truth rebuilt from the split.
 
   Returns:
-    {'bbox': {...12 stats, per_category}, 'segm': {...}, 'num_images', 'skipped': [...]}.
+    {task: {...12 stats, per_category} for each of `model.eval_tasks` ('bbox', and 'segm' with a
+    mask head), 'num_images', 'skipped': [...]}.
 
   Raises:
     SplitError: an unknown or empty split, or one whose images all fail to decode.
@@ -114,7 +101,8 @@ def evaluate_split(model, variables, builder, split: str, *, min_size: int, max_
         pictures.append((img_id, draw_predictions(image, res, class_names)))
     pending.clear()
 
-  for image, ex, error in _examples(builder, split, max_images):
+  from maskrcnn_jax.data.pipeline import read_examples  # TensorFlow: only when reading a split
+  for image, ex, error in read_examples(builder, split, max_images):
     if error is not None:
       skipped.append(error)
       print(f"evaluation: skipped an image that failed to decode: {error}")
@@ -140,8 +128,8 @@ def evaluate_split(model, variables, builder, split: str, *, min_size: int, max_
       gt.createIndex()
   else:
     gt = gt_json
-  summary = coco_eval.evaluate(gt, records, image_ids=[m["id"] for m in images_meta],
-                               verbose=verbose)
+  summary = coco_eval.evaluate(gt, records, iou_types=model.eval_tasks,
+                               image_ids=[m["id"] for m in images_meta], verbose=verbose)
   summary["num_images"] = len(images_meta)
   summary["skipped"] = skipped
   if out_dir:
@@ -172,5 +160,12 @@ def make_training_evaluator(config, max_images: Optional[int] = None, num_pictur
                              bucket=int(inp.bucket), batch_size=int(inp.batch_size),
                              max_images=max_images, num_pictures=num_pictures, verbose=False,
                              out_dir=os.path.join(workdir, "eval", f"step_{step}"))
-    return {f"{t}/{k}": summary[t][k] for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75")}
+    return headline_metrics(summary)
   return evaluate
+
+
+def headline_metrics(summary: Dict[str, Any]) -> Dict[str, float]:
+  """{'<task>/AP', '<task>/AP50', '<task>/AP75'} of every evaluated task, for logs and
+  TensorBoard."""
+  return {f"{task}/{k}": float(stats[k]) for task, stats in summary.items()
+          if isinstance(stats, dict) for k in ("AP", "AP50", "AP75")}

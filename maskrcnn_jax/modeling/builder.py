@@ -1,19 +1,95 @@
-"""Builds `MaskRCNN` from the `config.model` tree; unknown keys are errors, never dropped."""
+"""`config.model` -> `MaskRCNN`: every section resolved and validated here, when the model is built.
+
+Sections and their types (a section with variants has a `type` key; it holds the union of its
+types' fields, and a field the chosen type does not use is ignored; any other key is an error):
+
+  backbone      type 'resnet_fpn': `ResNet` (C2..C5) under an `FPN` (the `fpn` section)
+  fpn           `FPN`
+  rpn           `RPN` (inference settings)
+  rpn_sampler   `samplers.AnchorSampler`
+  roi_sampler   `samplers.RoISampler`
+  box_pooler    `poolers.RoIPooler` (type 'align')
+  box_head      `roi_heads.BoxHead` (type 'conv_fc')
+  postprocess   `roi_heads.Postprocess`
+  mask_pooler   `poolers.RoIPooler` of the mask head
+  mask_head     type 'fcn': `mask_head.MaskHead`; 'none': off (Faster R-CNN)
+  mask_sampler  `samplers.ForegroundSampler` (`num_rois`; `mask_head.num_rois` is its alias)
+
+plus `num_classes`, `dtype` ('float32' or 'bfloat16' compute; parameters, box math and losses stay
+float32), `mask_on` (False turns the mask head off, as `mask_head.type='none'` does) and
+`loss_weights` ({loss name: weight}, 1 where absent).
+
+RoI heads after the box head come from `ROI_HEADS`; `register_roi_head` adds one (a new section, or
+a new type of an existing one) without editing the package.
+"""
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax.numpy as jnp
 
 from maskrcnn_jax.modeling.fpn import FPN
-from maskrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from maskrcnn_jax.modeling.mask_head import MaskHead
+from maskrcnn_jax.modeling.mask_rcnn import BOX_LOSSES, MaskRCNN
+from maskrcnn_jax.modeling.poolers import RoIPooler
 from maskrcnn_jax.modeling.resnet import ResNet
-from maskrcnn_jax.modeling.roi_heads import BoxHead, MaskHead, Postprocess, RoIPooler
+from maskrcnn_jax.modeling.roi_heads import BoxHead, Postprocess
 from maskrcnn_jax.modeling.rpn import RPN
+from maskrcnn_jax.modeling.samplers import AnchorSampler, ForegroundSampler, RoISampler
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_SECTIONS = {"backbone": ResNet, "fpn": FPN, "rpn": RPN, "roi_align": RoIPooler,
-             "box_head": BoxHead, "mask_head": MaskHead, "postprocess": Postprocess}
-_TOP_KEYS = {"num_classes", "mask_on", "dtype"} | set(_SECTIONS)
+BACKBONE_TYPES = {"resnet_fpn": ResNet}
+OFF = "none"
+
+
+@dataclasses.dataclass
+class HeadEntry:
+  """A RoI head section: its types, and the pooler and sampler sections it uses."""
+  types: Dict[str, type]
+  pooler: Optional[str] = None
+  sampler: Optional[str] = None
+
+
+# Run order is insertion order: a head that reads another comes after it.
+ROI_HEADS: Dict[str, HeadEntry] = {
+    "mask_head": HeadEntry({"fcn": MaskHead}, pooler="mask_pooler", sampler="mask_sampler"),
+}
+SAMPLERS: Dict[str, type] = {"rpn_sampler": AnchorSampler, "roi_sampler": RoISampler,
+                             "mask_sampler": ForegroundSampler}
+POOLERS = ("box_pooler", "mask_pooler")
+# Keys kept for compatibility: section -> {alias: (section, key) it stands for}.
+ALIASES = {"mask_head": {"num_rois": ("mask_sampler", "num_rois")}}
+
+
+def register_roi_head(section: str, type_name: str, cls: type, *, pooler: Optional[str] = None,
+                      sampler: Optional[str] = None, sampler_cls: Optional[type] = None) -> None:
+  """Makes `config.model.<section>.type = type_name` build `cls` (a `roi_heads.RoIHead`).
+
+  Args:
+    section: the config section (a new one, or an existing head's to add a variant).
+    type_name: the `type` value selecting `cls`.
+    cls: the head module; its fields other than num_classes, dtype and pooler are the section's
+      keys.
+    pooler: the config section of its `RoIPooler` (passed as the `pooler` field), or None.
+    sampler: the config section of its sampler (an existing one, e.g. 'mask_sampler', or a new one
+      given with `sampler_cls`), or None to train on the box head's RoI samples.
+    sampler_cls: the dataclass of a new sampler section.
+  """
+  for method in ("predict", "loss"):
+    if not callable(getattr(cls, method, None)):
+      raise TypeError(f"{cls.__name__} needs a {method}(...) method to be a RoI head")
+  if type_name == OFF:
+    raise ValueError(f"'{OFF}' is reserved for turning a head off")
+  if sampler is not None and sampler not in SAMPLERS:
+    if sampler_cls is None:
+      raise ValueError(f"unknown sampler section {sampler!r}: pass sampler_cls")
+    SAMPLERS[sampler] = sampler_cls
+  entry = ROI_HEADS.get(section)
+  if entry is None:
+    ROI_HEADS[section] = HeadEntry({type_name: cls}, pooler=pooler, sampler=sampler)
+    return
+  if (pooler, sampler) != (entry.pooler, entry.sampler):
+    raise ValueError(f"{section} uses pooler {entry.pooler!r} and sampler {entry.sampler!r}")
+  entry.types[type_name] = cls
 
 
 def _frozen(v):
@@ -23,72 +99,194 @@ def _frozen(v):
   return v
 
 
-def _kwargs(section: str, cls, cfg: Mapping[str, Any], extra: Mapping[str, Any]):
-  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
-  unknown = set(cfg) - fields
-  if unknown:
-    raise ValueError(f"config.model.{section} has unknown keys {sorted(unknown)}; "
-                     f"{cls.__name__} takes {sorted(fields - set(extra))}")
-  kw = {k: _frozen(v) for k, v in cfg.items()}
-  kw.update(extra)
-  return kw
+def _fields(cls) -> set:
+  return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
 
 
-def build_model(model_cfg: Mapping[str, Any]) -> MaskRCNN:
-  """config.model -> MaskRCNN. Raises ValueError naming any unknown key or value."""
+def _section(cfg: Mapping[str, Any], section: str, classes, fixed: Mapping[str, Any] = ()):
+  """The kwargs of `classes` (one class, or {type: class} of a section with variants) from the
+  section's config; fixed kwargs (num_classes, dtype, ...) are not config keys. Returns
+  (type or None, class or None, kwargs)."""
+  fixed = dict(fixed)
+  values = dict(cfg.get(section) or {})
+  aliases = ALIASES.get(section, {})
+  for alias, (target, key) in aliases.items():
+    if alias in values:
+      value = values.pop(alias)
+      target_value = dict(cfg.get(target) or {}).get(key, value)
+      if _frozen(value) != _frozen(target_value):
+        raise ValueError(f"config.model.{section}.{alias}={value!r} is an alias of "
+                         f"{target}.{key}={target_value!r}: set one of them")
+  if isinstance(classes, Mapping):
+    # A RoI head whose section is absent is off; another section defaults to its first type.
+    default = OFF if section in ROI_HEADS else next(iter(classes))
+    type_name = values.pop("type", default)
+    union = set().union(*(_fields(c) for c in classes.values())) - set(fixed) - {"type"}
+    unknown = set(values) - union
+    if unknown:
+      raise ValueError(f"config.model.{section} has unknown keys {sorted(unknown)}; its types "
+                       f"{sorted(list(classes) + ([OFF] if section in ROI_HEADS else []))} take "
+                       f"{sorted(union | {'type'} | set(aliases))}")
+    if type_name == OFF and section in ROI_HEADS:
+      return OFF, None, {}
+    if type_name not in classes:
+      known = sorted(list(classes) + ([OFF] if section in ROI_HEADS else []))
+      raise ValueError(f"config.model.{section}.type must be one of {known}, got {type_name!r}")
+    cls = classes[type_name]
+    kwargs = {k: _frozen(v) for k, v in values.items() if k in _fields(cls)}
+  else:
+    cls, type_name = classes, values.get("type")
+    allowed = _fields(cls) - set(fixed)
+    unknown = set(values) - allowed
+    if unknown:
+      raise ValueError(f"config.model.{section} has unknown keys {sorted(unknown)}; "
+                       f"{cls.__name__} takes {sorted(allowed | set(aliases))}")
+    kwargs = {k: _frozen(v) for k, v in values.items()}
+  kwargs.update({k: v for k, v in fixed.items() if k in _fields(cls)})
+  return type_name, cls, kwargs
+
+
+def _make(section: str, cls, kwargs):
+  try:
+    return cls(**kwargs)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.model.{section}: {e}") from None
+
+
+def known_sections() -> Tuple[str, ...]:
+  return (("backbone", "fpn", "rpn", "box_head", "postprocess") + tuple(SAMPLERS) + POOLERS
+          + tuple(ROI_HEADS) + tuple(e.pooler for e in ROI_HEADS.values()
+                                     if e.pooler and e.pooler not in POOLERS))
+
+
+def build_model(model_cfg: Mapping[str, Any], *, frozen_stages: int = 0) -> MaskRCNN:
+  """config.model -> MaskRCNN, validated whole (unknown keys, types, values, head dependencies).
+
+  Args:
+    model_cfg: the `config.model` tree (see the module docstring).
+    frozen_stages: training.frozen_stages: the backbone stages whose batch-norm statistics stay
+      at their running values in training (no effect on parameters or inference).
+
+  Raises:
+    ValueError naming the section and key of anything that cannot be built.
+  """
   cfg = dict(model_cfg)
-  unknown = set(cfg) - _TOP_KEYS
+  top = {"num_classes", "mask_on", "dtype", "loss_weights"}
+  unknown = set(cfg) - top - set(known_sections())
   if unknown:
-    raise ValueError(f"config.model has unknown keys {sorted(unknown)}; known: {sorted(_TOP_KEYS)}")
+    raise ValueError(f"config.model has unknown keys {sorted(unknown)}; known: "
+                     f"{sorted(top | set(known_sections()))}")
   dtype_name = cfg.get("dtype", "float32")
   if dtype_name not in _DTYPES:
     raise ValueError(f"config.model.dtype must be one of {sorted(_DTYPES)}, got {dtype_name!r}")
   dtype = _DTYPES[dtype_name]
   k = int(cfg["num_classes"])
-  sub = lambda name: dict(cfg.get(name, {}))
-  with_dtype = {"dtype": dtype}
+  if k < 2:
+    raise ValueError(f"config.model.num_classes counts background too: >= 2, got {k}")
+  common = {"dtype": dtype, "num_classes": k}
+
+  def single(section, cls, extra=()):
+    _, c, kwargs = _section(cfg, section, cls, {**common, **dict(extra)})
+    return _make(section, c, kwargs)
+
+  _, backbone_cls, kwargs = _section(cfg, "backbone", BACKBONE_TYPES,
+                                     {**common, "frozen_stages": int(frozen_stages)})
+  backbone = _make("backbone", backbone_cls, kwargs)
+  samplers = {name: single(name, cls) for name, cls in SAMPLERS.items()}
+  poolers = {name: single(name, RoIPooler) for name in known_sections() if name.endswith("_pooler")}
+
+  heads, enabled = [], {}
+  for section, entry in ROI_HEADS.items():
+    fixed = dict(common, **({"pooler": poolers[entry.pooler]} if entry.pooler else {}))
+    type_name, cls, kwargs = _section(cfg, section, entry.types, fixed)
+    if section == "mask_head" and not cfg.get("mask_on", True):
+      type_name = OFF
+    if type_name == OFF:
+      continue
+    enabled[section] = type_name
+    heads.append((section, _make(section, cls, kwargs),
+                  samplers[entry.sampler] if entry.sampler else None))
+  for section, head, _ in heads:
+    for need in getattr(head, "requires", ()):
+      if need not in enabled:
+        raise ValueError(f"config.model.{section}.type={enabled[section]!r} needs {need}, "
+                         f"which is off ({need}.type='{OFF}'" +
+                         (" or mask_on=False)" if need == "mask_head" else ")"))
+
+  roi = samplers["roi_sampler"]
+  for section, _, sampler in heads:
+    if isinstance(sampler, ForegroundSampler) and sampler.num_rois > roi.batch_size_per_image:
+      raise ValueError(f"{ROI_HEADS[section].sampler}.num_rois={sampler.num_rois} exceeds "
+                       f"roi_sampler.batch_size_per_image={roi.batch_size_per_image}")
+
+  known_losses = set(BOX_LOSSES) | {n for e in ROI_HEADS.values() for c in e.types.values()
+                                    for n in getattr(c, "loss_names", ())}
+  weights = dict(cfg.get("loss_weights") or {})
+  bad = sorted(set(weights) - known_losses)
+  if bad:
+    raise ValueError(f"config.model.loss_weights has unknown losses {bad}; known: "
+                     f"{sorted(known_losses)}")
+  for name, w in weights.items():
+    if not float(w) >= 0:
+      raise ValueError(f"config.model.loss_weights.{name} must be >= 0, got {w}")
+
   return MaskRCNN(
-      num_classes=k,
-      backbone=ResNet(**_kwargs("backbone", ResNet, sub("backbone"), with_dtype)),
-      fpn=FPN(**_kwargs("fpn", FPN, sub("fpn"), with_dtype)),
-      rpn=RPN(**_kwargs("rpn", RPN, sub("rpn"), with_dtype)),
-      roi_align=RoIPooler(**_kwargs("roi_align", RoIPooler, sub("roi_align"), {})),
-      box_head=BoxHead(**_kwargs("box_head", BoxHead, sub("box_head"),
-                                 {"num_classes": k, **with_dtype})),
-      mask_head=(MaskHead(**_kwargs("mask_head", MaskHead, sub("mask_head"),
-                                    {"num_classes": k, **with_dtype}))
-                 if cfg.get("mask_on", True) else None),
-      postprocess=Postprocess(**_kwargs("postprocess", Postprocess, sub("postprocess"), {})),
-  )
+      num_classes=k, backbone=backbone, fpn=single("fpn", FPN), rpn=single("rpn", RPN),
+      box_pooler=poolers["box_pooler"], box_head=single("box_head", BoxHead),
+      postprocess=single("postprocess", Postprocess),
+      rpn_sampler=samplers["rpn_sampler"], roi_sampler=roi, roi_heads=tuple(heads),
+      loss_weights=tuple(sorted((n, float(w)) for n, w in weights.items())))
 
 
-def torchvision_model_config(depth: int = 50, num_classes: int = 91):
-  """The `config.model` tree of torchvision's `maskrcnn_resnet50_fpn` (v1) defaults.
+def torchvision_model_config(depth: int = 50, num_classes: int = 91, version: int = 1,
+                             mask: bool = True):
+  """The `config.model` tree of torchvision's `{mask,faster}rcnn_resnet50_fpn[_v2]` defaults.
+
+  Args:
+    depth: ResNet depth (50, or 101 for the same model on resnet_fpn_backbone('resnet101')).
+    num_classes: including background (91 for COCO's category ids).
+    version: 1 (`maskrcnn_resnet50_fpn`: frozen BN, TwoMLPHead) or 2 (`*_v2`: BatchNorm in the
+      backbone, FPN and heads, a two-conv RPN head, the 4conv1fc box head).
+    mask: Mask R-CNN (True) or Faster R-CNN (False: mask_head.type='none').
 
   `configs/base.py` starts from this; `convert.from_torchvision` builds its model from it.
   """
   import ml_collections
+  if version not in (1, 2):
+    raise ValueError(f"version must be 1 or 2, got {version}")
+  v2 = version == 2
   m = ml_collections.ConfigDict()
   m.num_classes = num_classes
   m.mask_on = True
   m.dtype = "float32"
-  m.backbone = dict(depth=depth, width_per_group=64, stage_blocks=())
-  m.fpn = dict(channels=256)
+  m.loss_weights = ml_collections.ConfigDict(
+      {name: 1.0 for name in BOX_LOSSES + ("loss_mask",)})
+  m.backbone = dict(type="resnet_fpn", depth=depth, width_per_group=64, stage_blocks=(),
+                    norm="bn" if v2 else "frozen_bn", norm_eps=1e-5)
+  m.fpn = dict(channels=256, norm="bn" if v2 else "none")
   m.rpn = dict(
       anchor_sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=(0.5, 1.0, 2.0),
       pre_nms_topk_train=2000, pre_nms_topk_test=1000,
       post_nms_topk_train=2000, post_nms_topk_test=1000,
-      nms_threshold=0.7, min_size=1e-3, score_threshold=0.0,
-      fg_iou_threshold=0.7, bg_iou_threshold=0.3, batch_size_per_image=256,
-      positive_fraction=0.5, crowd_ioa_threshold=0.5, channels=256)
-  m.roi_align = dict(pooler_type="align", box_output_size=7, mask_output_size=14,
-                     sampling_ratio=2, aligned=False, canonical_scale=224, canonical_level=4)
-  m.box_head = dict(representation_size=1024, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
-                    fg_iou_threshold=0.5, bg_iou_threshold=0.5, batch_size_per_image=512,
-                    positive_fraction=0.25, crowd_ioa_threshold=0.5)
-  m.mask_head = dict(layers=(256, 256, 256, 256), dilation=1, num_rois=128)
+      nms_threshold=0.7, min_size=1e-3, score_threshold=0.0, channels=256,
+      conv_depth=2 if v2 else 1)
+  m.rpn_sampler = dict(fg_iou_threshold=0.7, bg_iou_threshold=0.3, batch_size_per_image=256,
+                       positive_fraction=0.5, crowd_ioa_threshold=0.5)
+  m.roi_sampler = dict(fg_iou_threshold=0.5, bg_iou_threshold=0.5, batch_size_per_image=512,
+                       positive_fraction=0.25, crowd_ioa_threshold=0.5, add_gt_as_proposals=True)
+  pooler = dict(type="align", sampling_ratio=2, aligned=False, canonical_scale=224,
+                canonical_level=4, levels=(2, 3, 4, 5))
+  m.box_pooler = dict(pooler, output_size=7)
+  m.box_head = dict(type="conv_fc", conv_layers=(256,) * 4 if v2 else (),
+                    fc_layers=(1024,) if v2 else (1024, 1024), norm="bn" if v2 else "none",
+                    bbox_reg_weights=(10.0, 10.0, 5.0, 5.0))
   m.postprocess = dict(score_threshold=0.05, nms_threshold=0.5, detections_per_image=100,
                        min_size=1e-2, candidates_per_image=4000)
+  m.mask_pooler = dict(pooler, output_size=14)
+  m.mask_head = dict(type="fcn" if mask else OFF, layers=(256, 256, 256, 256), dilation=1,
+                     norm="bn" if v2 else "none")
+  m.mask_sampler = dict(num_rois=128)
+  m.mask_head.num_rois = m.mask_sampler.get_ref("num_rois")  # the alias, kept in step
   return m
 
 

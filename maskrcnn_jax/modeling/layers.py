@@ -1,9 +1,10 @@
 """Small building blocks shared by the backbone and heads."""
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 Dtype = Any
 
@@ -17,27 +18,113 @@ def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, use_bias
                  dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-class FrozenBatchNorm(nn.Module):
-  """BatchNorm with fixed statistics and affine terms, as torchvision's `FrozenBatchNorm2d`.
+NORM_TYPES = ("none", "frozen_bn", "bn", "bn_frozen_stats", "gn")
+"""Normalization layers a config section may ask for (`norm`):
 
-  All four tensors live in the `batch_stats` collection, so they never receive gradients or optimizer
-  state; `y = x * scale + shift` with `scale = weight / sqrt(running_var + eps)`.
+  none             no normalization (convs then carry a bias);
+  frozen_bn        torchvision's FrozenBatchNorm2d: statistics and affine terms fixed, all four in
+                   'batch_stats' (nothing trains); v1 backbones;
+  bn               BatchNorm: affine terms trained ('params' scale, bias), in training normalized by
+                   the batch's statistics, reduced over every device of the data axis
+                   (SyncBatchNorm)
+                   and over valid rows only, and running statistics updated ('batch_stats'); at
+                   inference the running statistics; torchvision's v2 models;
+  bn_frozen_stats  the same parameters, but the running statistics are used (and kept) in training
+                   too: for fine-tuning with small batches;
+  gn               GroupNorm with `GROUPS` groups (Detectron2's GN heads); no statistics.
+"""
+GROUPS = 32
+
+
+def check_norm(kind: str, where: str) -> None:
+  """Raises ValueError unless `kind` is one of NORM_TYPES (`where` names the config key)."""
+  if kind not in NORM_TYPES:
+    raise ValueError(f"{where} must be one of {NORM_TYPES}, got {kind!r}")
+
+
+class Norm(nn.Module):
+  """One normalization layer of kind `kind` (see NORM_TYPES), torchvision-equal at inference.
+
+  Variables (torchvision names in brackets): frozen_bn: batch_stats weight, bias, running_mean,
+  running_var; bn / bn_frozen_stats: params scale [weight], bias; batch_stats running_mean,
+  running_var; gn: params scale [weight], bias.
   """
+  kind: str = "frozen_bn"
   eps: float = 1e-5
-  """Added to the variance (torchvision's default)."""
+  """Added to the variance (torchvision's default; its published v1 COCO weights use 0)."""
+  momentum: float = 0.1
+  """bn: running = (1 - momentum) * running + momentum * batch (torch's convention)."""
+  frozen_stats: bool = False
+  """bn: use (and keep) the running statistics in training too, as bn_frozen_stats does."""
   dtype: Dtype = jnp.float32
   """Compute dtype of the output."""
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False, axis_name: Optional[str] = None, mask=None):
+    """x: [N, ..., C]; mask: [N] bool rows that count in batch statistics (None: all).
+
+    `axis_name`: the mapped axis over which batch statistics are averaged in training (the data
+    axis of the train step), or None (this device's batch only).
+    """
     c = x.shape[-1]
-    weight = self.variable("batch_stats", "weight", lambda: jnp.ones((c,), jnp.float32)).value
-    bias = self.variable("batch_stats", "bias", lambda: jnp.zeros((c,), jnp.float32)).value
-    mean = self.variable("batch_stats", "running_mean", lambda: jnp.zeros((c,), jnp.float32)).value
-    var = self.variable("batch_stats", "running_var", lambda: jnp.ones((c,), jnp.float32)).value
-    scale = weight * jnp.reciprocal(jnp.sqrt(var + self.eps))
-    shift = bias - mean * scale
-    return (x * scale.astype(self.dtype) + shift.astype(self.dtype)).astype(self.dtype)
+    f32 = jnp.float32
+    if self.kind == "none":
+      return x
+    if self.kind == "gn":
+      if c % GROUPS:
+        raise ValueError(f"GroupNorm needs channels divisible by {GROUPS}, got {c}")
+      scale = self.param("scale", nn.initializers.ones, (c,), f32)
+      bias = self.param("bias", nn.initializers.zeros, (c,), f32)
+      xf = x.astype(f32)
+      g = xf.reshape(x.shape[:-1] + (GROUPS, c // GROUPS))
+      axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+      mean = jnp.mean(g, axis=axes, keepdims=True)
+      var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
+      y = ((g - mean) * lax.rsqrt(var + self.eps)).reshape(x.shape)
+      return (y * scale + bias).astype(self.dtype)
+    if self.kind == "frozen_bn":
+      weight = self.variable("batch_stats", "weight", lambda: jnp.ones((c,), f32)).value
+      bias = self.variable("batch_stats", "bias", lambda: jnp.zeros((c,), f32)).value
+    elif self.kind in ("bn", "bn_frozen_stats"):
+      weight = self.param("scale", nn.initializers.ones, (c,), f32)
+      bias = self.param("bias", nn.initializers.zeros, (c,), f32)
+    else:
+      check_norm(self.kind, "norm")
+    mean_v = self.variable("batch_stats", "running_mean", lambda: jnp.zeros((c,), f32))
+    var_v = self.variable("batch_stats", "running_var", lambda: jnp.ones((c,), f32))
+    batch_stats = (train and self.kind == "bn" and not self.frozen_stats)
+    if not batch_stats:
+      # y = x * scale + shift, as FrozenBatchNorm2d computes it (BatchNorm2d in eval mode too, up
+      # to float rounding).
+      scale = weight * jnp.reciprocal(jnp.sqrt(var_v.value + self.eps))
+      shift = bias - mean_v.value * scale
+      return (x * scale.astype(self.dtype) + shift.astype(self.dtype)).astype(self.dtype)
+    xf = x.astype(f32)
+    axes = tuple(range(x.ndim - 1))
+    per_row = int(np.prod(x.shape[1:-1]))
+    if mask is None:
+      m = jnp.ones(x.shape[:1], f32)
+    else:
+      m = mask.astype(f32)
+    m = m.reshape((-1,) + (1,) * (x.ndim - 1))
+    count = jnp.sum(m) * per_row
+    total = jnp.sum(xf * m, axis=axes)
+    if axis_name is not None:
+      count, total = lax.psum((count, total), axis_name)
+    mean = total / jnp.maximum(count, 1.0)
+    sq = jnp.sum(jnp.square(xf - mean) * m, axis=axes)
+    if axis_name is not None:
+      sq = lax.psum(sq, axis_name)
+    var = sq / jnp.maximum(count, 1.0)
+    if not self.is_initializing():
+      # torch updates the running variance with the unbiased estimate; an empty batch (no valid
+      # row anywhere) leaves the statistics as they were.
+      unbiased = sq / jnp.maximum(count - 1.0, 1.0)
+      mom = jnp.where(count > 1, self.momentum, 0.0)
+      mean_v.value = (1.0 - mom) * mean_v.value + mom * lax.stop_gradient(mean)
+      var_v.value = (1.0 - mom) * var_v.value + mom * lax.stop_gradient(unbiased)
+    y = (xf - mean) * (weight * lax.rsqrt(var + self.eps)) + bias
+    return y.astype(self.dtype)
 
 
 class ConvTranspose2x2(nn.Module):
@@ -61,10 +148,13 @@ class ConvTranspose2x2(nn.Module):
 
 
 def nearest_upsample_to(x, size: Tuple[int, int]):
-  """`F.interpolate(x, size, mode='nearest')` for NHWC x: src = floor(dst * (in / out)) in float32."""
+  """`F.interpolate(x, size, mode='nearest')` for NHWC x: src = floor(dst * (in / out)) in
+  float32."""
   h, w = x.shape[1:3]
-  ys = np.minimum(np.floor(np.arange(size[0], dtype=np.float32) * (np.float32(h) / np.float32(size[0]))), h - 1)
-  xs = np.minimum(np.floor(np.arange(size[1], dtype=np.float32) * (np.float32(w) / np.float32(size[1]))), w - 1)
+  def src(n_out, n_in):
+    scale = np.float32(n_in) / np.float32(n_out)
+    return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale), n_in - 1)
+  ys, xs = src(size[0], h), src(size[1], w)
   if size == (2 * h, 2 * w):
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
   return x[:, ys.astype(np.int32)][:, :, xs.astype(np.int32)]

@@ -1,13 +1,14 @@
 """Mask R-CNN losses with torchvision's names and definitions, for one image with validity masks.
 
-Each function normalizes within its image, as torchvision does for a batch of one; the model averages
-images (so a data-parallel mean over devices equals the mean over the global batch).
+Each function normalizes within its image, as torchvision does for a batch of one; the model
+averages images (so a data-parallel mean over devices equals the mean over the global batch).
 """
-from typing import Tuple
+from typing import Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
 
+from maskrcnn_jax.ops.masks import select_class_channel
 from maskrcnn_jax.types import Array
 
 
@@ -74,13 +75,25 @@ def fastrcnn_loss(logits: Array, deltas: Array, labels: Array, targets: Array, v
 
 def maskrcnn_loss(mask_logits: Array, labels: Array, targets: Array, valid: Array) -> Array:
   """torchvision's `maskrcnn_loss` for one image's positive RoIs: per-pixel sigmoid BCE on the
-  ground-truth class' channel, mean over all pixels of the valid RoIs (0 when there are none).
+  ground-truth class' channel (`select_class_channel`), mean over all pixels of the valid RoIs (0
+  when there are none).
 
   Args:
-    mask_logits: [P, S, S, K] logits; labels: [P] int32 ground-truth classes;
+    mask_logits: [P, S, S, K] logits (K = 1: class-agnostic);
+    labels: [P] int32 ground-truth classes;
     targets: [P, S, S] float in [0, 1]; valid: [P] bool.
   """
-  picked = jnp.take_along_axis(mask_logits.astype(jnp.float32),
-                               labels[:, None, None, None], axis=-1)[..., 0]
+  picked = select_class_channel(mask_logits.astype(jnp.float32), labels)
   bce = jnp.mean(_bce_with_logits(picked, targets.astype(jnp.float32)), axis=(1, 2))
   return jnp.sum(jnp.where(valid, bce, 0.0)) / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+
+
+def objective(losses: Mapping[str, Array], weights: Mapping[str, float] = None) -> Array:
+  """The training objective: the sum of every `loss_*` entry of `losses`, each times its weight in
+  `weights` (1 where absent). Entries not named `loss_*` (metrics) do not count."""
+  weights = dict(weights or {})
+  terms = [jnp.asarray(v, jnp.float32) * float(weights.get(k, 1.0))
+           for k, v in sorted(losses.items()) if k.startswith("loss_")]
+  if not terms:
+    raise ValueError(f"no loss_* entry among {sorted(losses)}")
+  return sum(terms)

@@ -1,42 +1,125 @@
-"""The composed Mask R-CNN (or Faster R-CNN with `mask_on=False`)."""
-from typing import Any, Dict, Optional
+"""The two-stage detector: Mask R-CNN, and with other RoI heads (or none) its family.
+
+    backbone -> fpn -> rpn (+ rpn_sampler in training) -> box_pooler -> box_head -> postprocess
+                                                   \\-> roi_sampler (training)
+    then every RoI head in order (mask_head, ...): predict on the detections, or loss on its samples
+
+Built from `config.model` by `builder.build_model`; with `mask_head.type='none'` (`mask_on=False`)
+it is Faster R-CNN.
+"""
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from maskrcnn_jax.modeling.fpn import FPN
-from maskrcnn_jax.modeling.losses import fastrcnn_loss, maskrcnn_loss, rpn_loss
+from maskrcnn_jax.modeling.losses import fastrcnn_loss, objective, rpn_loss
+from maskrcnn_jax.modeling.poolers import RoIPooler
 from maskrcnn_jax.modeling.resnet import ResNet
-from maskrcnn_jax.modeling.roi_heads import BoxHead, MaskHead, Postprocess, RoIPooler
-from maskrcnn_jax.modeling.rpn import RPN
+from maskrcnn_jax.modeling.roi_heads import BoxHead, HeadContext, Postprocess
+from maskrcnn_jax.modeling.rpn import PYRAMID_LEVELS, RPN
+from maskrcnn_jax.modeling.samplers import AnchorSampler, GroundTruth, RoISampler
 from maskrcnn_jax.ops.boxes import encode_boxes
-from maskrcnn_jax.ops.matching import MatchLabel, crowd_overlap, match_boxes
-from maskrcnn_jax.ops.roi_align import roi_align_batched
-from maskrcnn_jax.ops.sampling import sample_balanced, sample_indices
+from maskrcnn_jax.types import Array
+
+# What every training batch holds (heads add their `batch_keys`).
+BATCH_KEYS = ("image", "image_size", "gt_boxes", "gt_classes", "gt_valid", "crowd_boxes",
+              "crowd_valid")
+BOX_LOSSES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 
 
 class MaskRCNN(nn.Module):
-  """ResNet-FPN, RPN, box head and (optionally) FCN mask head.
+  """ResNet-FPN, RPN, box head and the configured RoI heads (Mask R-CNN: the FCN mask head).
 
-  Built from a config tree by `build_model`; each sub-module's fields are one config section.
-  Parameter paths mirror torchvision's state_dict names (see `maskrcnn_jax.convert`).
+  Each field is one config section (see `builder`). Parameter paths mirror torchvision's
+  state_dict names (see `maskrcnn_jax.convert`).
   """
   num_classes: int
   """Classes including background (91 for COCO's category ids)."""
   backbone: ResNet
   fpn: FPN
   rpn: RPN
-  roi_align: RoIPooler
+  box_pooler: RoIPooler
   box_head: BoxHead
-  mask_head: Optional[MaskHead]
-  """None turns the model into Faster R-CNN."""
   postprocess: Postprocess
+  rpn_sampler: AnchorSampler = AnchorSampler()
+  roi_sampler: RoISampler = RoISampler()
+  roi_heads: Tuple[Tuple[str, nn.Module, Any], ...] = ()
+  """(section, head module, sampler or None) per RoI head after the box head, in order; a head
+  without a sampler trains on the box head's RoI samples. Each head's variables live under its
+  section's name."""
+  loss_weights: Tuple[Tuple[str, float], ...] = ()
+  """(loss name, weight) for `objective`; absent losses weigh 1."""
 
-  def features(self, images, padded_sizes=None):
+  def setup(self):
+    for name, head, _ in self.roi_heads:
+      setattr(self, name, head.clone(parent=None))
+
+  # -- introspection (no parameters needed) --------------------------------------------------
+
+  def head(self, name: str) -> Optional[nn.Module]:
+    """The (unbound) RoI head configured under section `name`, or None if it is off."""
+    return next((h for n, h, _ in self.roi_heads if n == name), None)
+
+  @property
+  def head_names(self) -> Tuple[str, ...]:
+    return tuple(n for n, _, _ in self.roi_heads)
+
+  @property
+  def eval_tasks(self) -> Tuple[str, ...]:
+    """COCO evaluations of this model's predictions: 'bbox', then each head's ('segm', ...)."""
+    return ("bbox",) + tuple(h.eval_task for _, h, _ in self.roi_heads if h.eval_task)
+
+  @property
+  def prediction_keys(self) -> Tuple[str, ...]:
+    """Per-detection outputs beyond boxes, scores and labels ('masks', ...)."""
+    return tuple(k for _, h, _ in self.roi_heads for k in h.prediction_keys)
+
+  @property
+  def batch_keys(self) -> Tuple[str, ...]:
+    """The batch entries `losses` reads."""
+    return BATCH_KEYS + tuple(k for _, h, _ in self.roi_heads for k in h.batch_keys
+                              if k not in BATCH_KEYS)
+
+  @property
+  def loss_names(self) -> Tuple[str, ...]:
+    return BOX_LOSSES + tuple(k for _, h, _ in self.roi_heads for k in h.loss_names)
+
+  def objective(self, losses: Mapping[str, Array]) -> Array:
+    """The training objective: every `loss_*` of `losses`, weighted by `loss_weights`."""
+    return objective(losses, dict(self.loss_weights))
+
+  # -- forward passes ------------------------------------------------------------------------
+
+  def features(self, images, padded_sizes=None, train: bool = False,
+               axis_name: Optional[str] = None):
     """images: [B, H, W, 3] normalized, H and W multiples of 32; padded_sizes: [B, 2] int32 or None
     (see `layers.mask_to_extent`). Returns [P2..P6]."""
-    return self.fpn(self.backbone(images, padded_sizes), padded_sizes)
+    return self.fpn(self.backbone(images, padded_sizes, train, axis_name), padded_sizes, train,
+                    axis_name)
+
+  def _context(self, pyramid, padded_sizes, train, axis_name) -> HeadContext:
+    levels = dict(zip(PYRAMID_LEVELS, pyramid))
+    return HeadContext(levels, padded_sizes, train, axis_name, None, {})
+
+  def initialize(self, images):
+    """Creates every variable cheaply (`model.init(key, images, method=MaskRCNN.initialize)`):
+    the backbone and the RPN head on `images` [B, H, W, 3] (no proposal selection), the box head
+    on zeros, and each RoI head's `predict` on one box per image."""
+    b = images.shape[0]
+    pyramid = self.features(images)
+    self.rpn.head(pyramid)
+    s, c = self.box_pooler.output_size, pyramid[0].shape[-1]
+    self.box_head(jnp.zeros((b, 1, s, s, c), images.dtype))
+    ctx = self._context(pyramid, None, False, None)
+    dets = dict(boxes=jnp.tile(jnp.asarray([[[0.0, 0.0, 16.0, 16.0]]]), (b, 1, 1)),
+                labels=jnp.ones((b, 1), jnp.int32), scores=jnp.ones((b, 1)),
+                valid=jnp.ones((b, 1), bool))
+    for name, head, _ in self.roi_heads:
+      out = getattr(self, name).predict(ctx, dets)
+      ctx.outputs[name] = out
+      dets.update({k: out[k] for k in head.prediction_keys})
 
   def __call__(self, images, image_sizes, padded_sizes) -> Dict[str, jnp.ndarray]:
     """Inference.
@@ -49,144 +132,98 @@ class MaskRCNN(nn.Module):
 
     Returns:
       boxes [B, D, 4] (x1, y1, x2, y2) resized-image pixels, scores [B, D], labels [B, D] int32,
-      valid [B, D] bool, and with masks masks [B, D, 28, 28] probabilities of the labelled class.
+      valid [B, D] bool, proposals [B, P, 4] and proposal_valid [B, P], and each head's
+      `prediction_keys` (the mask head's masks [B, D, 28, 28]: probabilities of the labelled class).
     """
     pyramid = self.features(images, padded_sizes)
     rpn_out = self.rpn(pyramid, image_sizes, padded_sizes, train=False)
     props, props_valid = rpn_out["proposals"], rpn_out["proposal_valid"]
-    pooled = self.roi_align(pyramid[:4], props, self.roi_align.box_output_size, padded_sizes)
-    logits, deltas = self.box_head(pooled)
+    ctx = self._context(pyramid, padded_sizes, False, None)
+    logits, deltas = self.box_head(ctx.pool(self.box_pooler, props))
     dets = jax.vmap(lambda *a: self.postprocess(*a, self.box_head.bbox_reg_weights))(
         logits, deltas, props, props_valid, image_sizes)
+    for name, _, _ in self.roi_heads:
+      out = getattr(self, name).predict(ctx, dets)
+      ctx.outputs[name] = out
+      dets.update({k: out[k] for k in self.head(name).prediction_keys})
     dets["proposals"] = props
     dets["proposal_valid"] = props_valid
-    if self.mask_head is not None:
-      pooled = self.roi_align(pyramid[:4], dets["boxes"], self.roi_align.mask_output_size,
-                              padded_sizes)
-      b, d = pooled.shape[:2]
-      mask_logits = self.mask_head(pooled.reshape((b * d,) + pooled.shape[2:]))
-      mask_logits = mask_logits.reshape((b, d) + mask_logits.shape[1:])  # [B, D, 2S, 2S, K]
-      picked = jnp.take_along_axis(mask_logits, dets["labels"][:, :, None, None, None], axis=-1)
-      dets["masks"] = jax.nn.sigmoid(picked[..., 0])
     return dets
 
-  def losses(self, images, image_sizes, gt_boxes, gt_classes, gt_valid, gt_masks=None,
-             crowd_boxes=None, crowd_valid=None) -> Dict[str, jnp.ndarray]:
-    """Training forward: targets, sampling and torchvision's five losses (each a per-image mean).
+  def losses(self, batch: Mapping[str, Array], keys: Array,
+             axis_name: Optional[str] = None) -> Dict[str, jnp.ndarray]:
+    """Training forward on one device's batch: targets, sampling and every head's losses.
 
-    Needs a PRNG stream 'sampling' (`rngs={'sampling': key}`) for the anchor and RoI samplers.
+    Batch-statistics norms see the whole batch (averaged over `axis_name`'s devices too); call
+    with `mutable=['batch_stats']` to collect their updated running statistics.
 
     Args:
-      images: [B, H, W, 3] normalized canvas (H, W multiples of 32).
-      image_sizes: [B, 2] int32 (h, w) of the resized image inside the canvas.
-      gt_boxes: [B, M, 4] float32 (x1, y1, x2, y2) canvas pixels; gt_classes: [B, M] int32 in
-        1..K-1; gt_valid: [B, M] bool.
-      gt_masks: [B, M, S, S] float in [0, 1], each instance's mask cut to its box and resized to S
-        (needed with a mask head).
-      crowd_boxes: [B, C, 4] and crowd_valid: [B, C] bool, or None: crowd regions, never positives,
-        and negatives they cover are not sampled.
+      batch: a dict holding `batch_keys`:
+        image [B, H, W, 3] normalized canvas (H, W multiples of 32);
+        image_size [B, 2] int32 (h, w) of the resized image inside the canvas;
+        gt_boxes [B, M, 4] float32 (x1, y1, x2, y2) canvas pixels; gt_classes [B, M] int32 in
+          1..K-1; gt_valid [B, M] bool;
+        crowd_boxes [B, C, 4] and crowd_valid [B, C] bool (optional): crowd regions, never
+          positives, and negatives they cover are not sampled;
+        and what the heads read (the mask head: gt_masks [B, M, S, S] float in [0, 1], each
+          instance's mask cut to its box and resized to S).
+      keys: [B] PRNG keys, one per example (the anchor and RoI samplers draw from it), so the
+        samples do not depend on how a global batch is split.
+      axis_name: the mapped data axis of the train step, or None.
 
     Returns:
-      {'loss_objectness', 'loss_rpn_box_reg', 'loss_classifier', 'loss_box_reg', 'loss_mask'}
-      float32 scalars (loss_mask only with a mask head), plus 'num_fg_rois' (mean per image).
+      every `loss_*` (float32 scalars, means over images; torchvision's names: loss_objectness,
+      loss_rpn_box_reg, loss_classifier, loss_box_reg, then the heads', e.g. loss_mask) and
+      'num_fg_rois' (mean per image).
     """
+    images = batch["image"]
     b = images.shape[0]
+    if keys.shape[:1] != (b,):
+      raise ValueError(f"keys must be [B] = [{b}] PRNG keys, got shape {keys.shape}")
+    missing = [k for k in self.batch_keys if k not in batch and not k.startswith("crowd_")]
+    if missing:
+      raise ValueError(f"the batch lacks {missing} (this model's losses read {self.batch_keys})")
+    image_sizes = batch["image_size"]
     canvas = jnp.tile(jnp.asarray(images.shape[1:3], jnp.int32), (b, 1))
-    if crowd_boxes is None:
-      crowd_boxes = jnp.zeros((b, 0, 4), jnp.float32)
-      crowd_valid = jnp.zeros((b, 0), bool)
-    gt_boxes = gt_boxes.astype(jnp.float32)
-    pyramid = self.features(images)
+    gt = GroundTruth(
+        batch["gt_boxes"].astype(jnp.float32), batch["gt_classes"], batch["gt_valid"],
+        batch.get("crowd_boxes", jnp.zeros((b, 0, 4), jnp.float32)).astype(jnp.float32),
+        batch.get("crowd_valid", jnp.zeros((b, 0), bool)))
+    pyramid = self.features(images, None, True, axis_name)
     rpn_out = self.rpn(pyramid, image_sizes, canvas, train=True)
-    keys = jax.random.split(self.make_rng("sampling"), 2 * b)
-    rpn_keys, roi_keys = keys[:b], keys[b:]
-
-    def rpn_targets(key, anchors, anchor_valid, boxes, valid, crowd, cvalid):
-      r = self.rpn
-      matched, labels = match_boxes(anchors, boxes, valid, r.fg_iou_threshold,
-                                    r.bg_iou_threshold, True)
-      crowded = crowd_overlap(anchors, crowd, cvalid) > r.crowd_ioa_threshold
-      positive = (labels == MatchLabel.POSITIVE) & anchor_valid
-      negative = (labels == MatchLabel.NEGATIVE) & anchor_valid & ~crowded
-      pos, neg = sample_balanced(key, positive, negative, r.batch_size_per_image,
-                                 r.positive_fraction)
-      # Non-positives encode against themselves (target 0): a padding or empty ground truth would
-      # give log(0) targets whose masked loss still has NaN gradients.
-      target_boxes = jnp.where(positive[:, None], boxes[matched], anchors)
-      return pos, neg, encode_boxes(target_boxes, anchors)
-
-    pos, neg, rpn_tgt = jax.vmap(rpn_targets)(
-        rpn_keys, rpn_out["anchors"], rpn_out["anchor_valid"], gt_boxes, gt_valid, crowd_boxes,
-        crowd_valid)
+    pair = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+    pos, neg, rpn_tgt = jax.vmap(self.rpn_sampler)(pair[:, 0], rpn_out["anchors"],
+                                                   rpn_out["anchor_valid"], gt)
     loss_obj, loss_rpn_box = jax.vmap(rpn_loss)(rpn_out["objectness"], rpn_out["deltas"], rpn_tgt,
                                                 pos, neg)
-
+    samples = jax.vmap(self.roi_sampler)(pair[:, 1], rpn_out["proposals"],
+                                         rpn_out["proposal_valid"], gt)
+    ctx = self._context(pyramid, None, True, axis_name)
     bh = self.box_head
-
-    def roi_targets(key, props, props_valid, boxes, classes, valid, crowd, cvalid):
-      cands = jnp.concatenate([jax.lax.stop_gradient(props), boxes], 0)
-      cands_valid = jnp.concatenate([props_valid, valid], 0)
-      matched, labels = match_boxes(cands, boxes, valid, bh.fg_iou_threshold,
-                                    bh.bg_iou_threshold, False)
-      crowded = crowd_overlap(cands, crowd, cvalid) > bh.crowd_ioa_threshold
-      positive = (labels == MatchLabel.POSITIVE) & cands_valid
-      negative = (labels == MatchLabel.NEGATIVE) & cands_valid & ~crowded
-      idx, is_pos, ok = sample_indices(key, positive, negative, bh.batch_size_per_image,
-                                       bh.positive_fraction)
-      rois, gt_idx = cands[idx], matched[idx]
-      cls = jnp.where(is_pos, classes[gt_idx], 0)
-      tgt = encode_boxes(jnp.where(is_pos[:, None], boxes[gt_idx], rois), rois,
-                         bh.bbox_reg_weights)
-      return rois, cls, tgt, ok, is_pos, gt_idx
-
-    rois, roi_cls, roi_tgt, roi_ok, roi_pos, roi_gt = jax.vmap(roi_targets)(
-        roi_keys, rpn_out["proposals"], rpn_out["proposal_valid"], gt_boxes, gt_classes, gt_valid,
-        crowd_boxes, crowd_valid)
-    pooled = self.roi_align(pyramid[:4], rois, self.roi_align.box_output_size)
-    logits, deltas = self.box_head(pooled)
-    loss_cls, loss_box = jax.vmap(fastrcnn_loss)(logits, deltas, roi_cls, roi_tgt, roi_ok)
+    logits, deltas = bh(ctx.pool(self.box_pooler, samples.rois), True, axis_name, samples.valid)
+    matched = jax.vmap(lambda boxes, i: boxes[i])(gt.boxes, samples.gt_index)
+    targets = jax.vmap(lambda m, r, p: encode_boxes(jnp.where(p[:, None], m, r), r,
+                                                    bh.bbox_reg_weights))(
+        matched, samples.rois, samples.is_positive)
+    loss_cls, loss_box = jax.vmap(fastrcnn_loss)(logits, deltas, samples.classes, targets,
+                                                 samples.valid)
     out = dict(loss_objectness=jnp.mean(loss_obj), loss_rpn_box_reg=jnp.mean(loss_rpn_box),
                loss_classifier=jnp.mean(loss_cls), loss_box_reg=jnp.mean(loss_box),
-               num_fg_rois=jnp.mean(jnp.sum(roi_pos, axis=1).astype(jnp.float32)))
-    if self.mask_head is not None:
-      if gt_masks is None:
-        raise ValueError("a model with a mask head needs gt_masks to train")
-      p = self.mask_head.num_rois
-      # Sampled positives come first, so the first p slots hold them all when p >= 128.
-      m_rois, m_cls, m_gt = rois[:, :p], roi_cls[:, :p], roi_gt[:, :p]
-      m_ok = roi_pos[:, :p] & roi_ok[:, :p]
-      pooled = self.roi_align(pyramid[:4], m_rois, self.roi_align.mask_output_size)
-      mask_logits = self.mask_head(pooled.reshape((b * p,) + pooled.shape[2:]))
-      mask_logits = mask_logits.reshape((b, p) + mask_logits.shape[1:])
-      targets = jax.vmap(project_mask_crops, in_axes=(0, 0, 0, 0, None))(
-          gt_masks, gt_boxes, m_gt, m_rois, mask_logits.shape[2])
-      out["loss_mask"] = jnp.mean(jax.vmap(maskrcnn_loss)(mask_logits, m_cls, targets, m_ok))
+               num_fg_rois=jnp.mean(jnp.sum(samples.is_positive, axis=1).astype(jnp.float32)))
+    for name, head, sampler in self.roi_heads:
+      head_samples = samples if sampler is None else jax.vmap(sampler)(samples)
+      head_out = getattr(self, name).loss(ctx, head_samples, batch)
+      missing = [k for k in head.loss_names if k not in head_out]
+      if missing:
+        raise ValueError(f"{name}.loss returned no {missing}")
+      ctx.outputs[name] = head_out
+      out.update({k: v for k, v in head_out.items() if k.startswith("loss_")})
     return out
 
 
-def project_mask_crops(crops, gt_boxes, gt_index, rois, size: int):
-  """Mask targets: each RoI's ground-truth crop resampled into the RoI, as `project_masks_on_boxes`.
-
-  The crops cover their ground-truth boxes (crop pixel (i, j) samples the box at ((j + .5) / S,
-  (i + .5) / S) of its extent), so a RoI maps into crop coordinates by an affine map and RoIAlign
-  (aligned=True) samples it there; outside the crop the target is 0. torchvision cuts targets from
-  the full mask with `roi_align(aligned=False)`, which reads pixel k's value at coordinate k rather
-  than k + 0.5; the RoI is shifted by half a pixel so that the targets follow that convention.
-
-  Args:
-    crops: [M, S, S] float in [0, 1]; gt_boxes: [M, 4] (x1, y1, x2, y2); gt_index: [P] int32;
-    rois: [P, 4] (x1, y1, x2, y2); size: output side (28).
-
-  Returns:
-    [P, size, size] float32 in [0, 1].
-  """
-  s = crops.shape[-1]
-  g = gt_boxes[gt_index]
-  scale_x = s / jnp.maximum(g[:, 2] - g[:, 0], 1e-6)
-  scale_y = s / jnp.maximum(g[:, 3] - g[:, 1], 1e-6)
-  local = (rois + 0.5 - jnp.stack([g[:, 0], g[:, 1], g[:, 0], g[:, 1]], -1)) * jnp.stack(
-      [scale_x, scale_y, scale_x, scale_y], -1)
-  maps = crops[gt_index].astype(jnp.float32)[..., None]  # [P, S, S, 1]
-  out = roi_align_batched(maps, jax.lax.stop_gradient(local)[:, None], size, 1.0,
-                          sampling_ratio=2, aligned=True)
-  return out[:, 0, ..., 0]
+def init_variables(model: MaskRCNN, key: Array, image_size: int = 64) -> Dict[str, Any]:
+  """`{'params', 'batch_stats'}` of `model` initialized from `key` (jittable; under
+  `jax.eval_shape` it gives the variables' shapes without computing anything)."""
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  variables = model.init(key, images, method=MaskRCNN.initialize)
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}

@@ -1,10 +1,10 @@
-"""ResNet-50/101 with frozen BatchNorm, as torchvision's `resnet50` under `resnet_fpn_backbone`."""
-from typing import Any, Dict, Sequence
+"""ResNet-50/101 as torchvision's `resnet50` under `resnet_fpn_backbone`, norm configurable."""
+from typing import Any, Dict, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from maskrcnn_jax.modeling.layers import FrozenBatchNorm, conv, mask_to_extent
+from maskrcnn_jax.modeling.layers import Norm, check_norm, conv, mask_to_extent
 
 _STAGES = {18: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
@@ -13,22 +13,31 @@ class Bottleneck(nn.Module):
   """torchvision's Bottleneck (v1.5: the stride sits in the 3x3 conv)."""
   width: int
   stride: int
+  norm: str = "frozen_bn"
+  norm_eps: float = 1e-5
+  frozen_stats: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, sizes=None, level: int = 2):
+  def __call__(self, x, sizes=None, level: int = 2, train: bool = False,
+               axis_name: Optional[str] = None):
     """x: [B, H, W, C] at stride 2**level; sizes: [B, 2] padded image sizes or None."""
     out_ch = self.width * 4
-    y = conv(self.width, 1, use_bias=False, dtype=self.dtype, name="conv1")(x)
-    y = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(y))
+    bias = self.norm == "none"
+
+    def norm(name, y):
+      return Norm(self.norm, self.norm_eps, frozen_stats=self.frozen_stats, dtype=self.dtype,
+                  name=name)(y, train, axis_name)
+    y = conv(self.width, 1, use_bias=bias, dtype=self.dtype, name="conv1")(x)
+    y = nn.relu(norm("bn1", y))
     y = mask_to_extent(y, sizes, level)
-    y = conv(self.width, 3, self.stride, 1, use_bias=False, dtype=self.dtype, name="conv2")(y)
-    y = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn2")(y))
-    y = conv(out_ch, 1, use_bias=False, dtype=self.dtype, name="conv3")(y)
-    y = FrozenBatchNorm(dtype=self.dtype, name="bn3")(y)
+    y = conv(self.width, 3, self.stride, 1, use_bias=bias, dtype=self.dtype, name="conv2")(y)
+    y = nn.relu(norm("bn2", y))
+    y = conv(out_ch, 1, use_bias=bias, dtype=self.dtype, name="conv3")(y)
+    y = norm("bn3", y)
     if self.stride != 1 or x.shape[-1] != out_ch:
-      x = conv(out_ch, 1, self.stride, use_bias=False, dtype=self.dtype, name="downsample_conv")(x)
-      x = FrozenBatchNorm(dtype=self.dtype, name="downsample_bn")(x)
+      x = conv(out_ch, 1, self.stride, use_bias=bias, dtype=self.dtype, name="downsample_conv")(x)
+      x = norm("downsample_bn", x)
     return nn.relu(y + x.astype(y.dtype))
 
 
@@ -40,19 +49,41 @@ class ResNet(nn.Module):
   """Bottleneck width of the first stage; 8 or 16 give the tiny test backbones."""
   stage_blocks: Sequence[int] = ()
   """Overrides the blocks per stage (e.g. (1, 1, 1, 1) for tests); empty means the depth's."""
+  norm: str = "frozen_bn"
+  """One of `layers.NORM_TYPES`: 'frozen_bn' (torchvision v1), 'bn' (v2, trained with batch
+  statistics), 'bn_frozen_stats', 'gn' or 'none'."""
+  norm_eps: float = 1e-5
+  """The norm's epsilon. state_dicts do not hold it: torchvision's constructors use 1e-5, its
+  published v1 COCO weights were evaluated with 0."""
+  frozen_stages: int = 0
+  """The stem and layer1..layer{k} whose BatchNorm keeps its running statistics in training (set
+  from training.frozen_stages by the builder; their parameters are frozen by the optimizer)."""
   dtype: Any = jnp.float32
   """Compute dtype (bfloat16 for mixed precision); parameters stay float32."""
 
-  @nn.compact
-  def __call__(self, x, sizes=None) -> Dict[str, jnp.ndarray]:
-    """x: [B, H, W, 3] normalized image; sizes: [B, 2] int32 padded image sizes (see
-    `mask_to_extent`) or None. Returns {'c2'..'c5': [B, H/2**l, W/2**l, C_l]}."""
+  def __post_init__(self):
     if self.depth not in _STAGES:
       raise ValueError(f"backbone depth must be one of {sorted(_STAGES)}, got {self.depth}")
+    check_norm(self.norm, "backbone.norm")
+    super().__post_init__()
+
+  @property
+  def out_channels(self) -> Dict[str, int]:
+    """Channels of C2..C5."""
+    return {f"c{s + 2}": self.width_per_group * 2 ** s * 4 for s in range(4)}
+
+  @nn.compact
+  def __call__(self, x, sizes=None, train: bool = False,
+               axis_name: Optional[str] = None) -> Dict[str, jnp.ndarray]:
+    """x: [B, H, W, 3] normalized image; sizes: [B, 2] int32 padded image sizes (see
+    `mask_to_extent`) or None. Returns {'c2'..'c5': [B, H/2**l, W/2**l, C_l]}."""
     blocks = tuple(self.stage_blocks) or _STAGES[self.depth]
-    x = conv(self.width_per_group, 7, 2, 3, use_bias=False, dtype=self.dtype, name="conv1")(
+    bias = self.norm == "none"
+    x = conv(self.width_per_group, 7, 2, 3, use_bias=bias, dtype=self.dtype, name="conv1")(
         x.astype(self.dtype))
-    x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(x))
+    x = Norm(self.norm, self.norm_eps, frozen_stats=self.frozen_stages >= 1, dtype=self.dtype,
+             name="bn1")(x, train, axis_name)
+    x = nn.relu(x)
     x = mask_to_extent(x, sizes, 1)  # post-ReLU, so zeros act as the pool's -inf padding
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     out = {}
@@ -61,6 +92,8 @@ class ResNet(nn.Module):
       for i in range(n):
         stride = 2 if (i == 0 and stage > 0) else 1
         level = 2 + stage - (1 if stride == 2 else 0)
-        x = Bottleneck(width, stride, self.dtype, name=f"layer{stage + 1}_{i}")(x, sizes, level)
+        x = Bottleneck(width, stride, self.norm, self.norm_eps,
+                       frozen_stats=stage + 1 <= self.frozen_stages, dtype=self.dtype,
+                       name=f"layer{stage + 1}_{i}")(x, sizes, level, train, axis_name)
       out[f"c{stage + 2}"] = x
     return out

@@ -1,119 +1,133 @@
-"""Box and mask branches on RoIs: pooler, TwoMLPHead + predictor, FCN mask head, postprocessing."""
-from typing import Any, Dict, List, Sequence
+"""The RoI-head seam: the context every head receives, the base of the heads after the box head,
+the box head itself and its post-processing.
+
+Every head after the box head (`mask_head`, and any head registered with
+`builder.register_roi_head`) subclasses `RoIHead` and has two entry points: `predict` on the
+detections and `loss` on its sampled RoIs, returning `{"loss_<name>": ...}`. The detector sums every
+`loss_*` a head returns into the objective, so no head's loss can be left out.
+"""
+from typing import Any, Callable, ClassVar, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from maskrcnn_jax.modeling.layers import ConvTranspose2x2, conv
+from maskrcnn_jax.modeling.layers import Norm, check_norm, conv
+from maskrcnn_jax.modeling.poolers import RoIPooler
 from maskrcnn_jax.ops import boxes as box_ops
-from maskrcnn_jax.ops.anchors import feature_grid_size
 from maskrcnn_jax.ops.nms import batched_nms
-from maskrcnn_jax.ops.roi_align import multilevel_roi_align_batched
-
-POOLER_TYPES = ("align",)
+from maskrcnn_jax.types import Array
 
 
-class RoIPooler(nn.Module):
-  """Multi-level RoIAlign over P2..P5 (no parameters), as torchvision's `MultiScaleRoIAlign`."""
-  pooler_type: str = "align"
-  """'align' (RoIAlign); other variants are added here as switches."""
-  box_output_size: int = 7
-  """Pooled size for the box head."""
-  mask_output_size: int = 14
-  """Pooled size for the mask head."""
-  sampling_ratio: int = 2
-  """Bilinear samples per bin side (>= 1: static shapes)."""
-  aligned: bool = False
-  """Half-pixel offset (torchvision's Mask R-CNN uses False, Detectron2 True)."""
-  canonical_scale: int = 224
-  """Level mapping: a box of this sqrt(area) goes to `canonical_level`."""
-  canonical_level: int = 4
-  """Level mapping: the level of a canonical box."""
+class HeadContext(NamedTuple):
+  """What the detector hands every RoI head (one per forward pass).
 
-  def __call__(self, features: List[jnp.ndarray], boxes: jnp.ndarray, output_size: int,
-               padded_sizes=None):
-    """Pools RoI features.
+  features: {level: [B, H_l, W_l, C]} the backbone's maps the poolers read (P2..P6 for FPN).
+  padded_sizes: [B, 2] int32 each image's own padded size within the canvas (see
+    `layers.mask_to_extent`), or None (the canvas).
+  train: training forward (batch statistics in batch-norm layers).
+  axis_name: the data axis batch statistics are averaged over in training, or None.
+  trunk: the shared RoI trunk (e.g. C4's res5 stage), applied to pooled features by `pool`, or
+    None.
+  outputs: {head section: everything that head's `predict` or `loss` returned}, for heads that
+    read another head's results (filled in head order).
+  """
+  features: Mapping[int, Array]
+  padded_sizes: Optional[Array]
+  train: bool
+  axis_name: Optional[str]
+  trunk: Optional[Callable] = None
+  outputs: Optional[Dict[str, Dict[str, Array]]] = None
 
-    Args:
-      features: [P2..P5] each [B, H_l, W_l, C].
-      boxes: [B, N, 4] (x1, y1, x2, y2) input pixels.
-      output_size: S.
-      padded_sizes: [B, 2] int32 sizes each image is padded to (see `layers.mask_to_extent`), or
-        None: the maps' borders are the canvas'.
+  def pool(self, pooler: RoIPooler, boxes: Array) -> Array:
+    """boxes [B, N, 4] (x1, y1, x2, y2) canvas pixels -> pooled [B, N, S, S, C] (through the
+    shared trunk, if any)."""
+    x = pooler(self.features, boxes, self.padded_sizes)
+    if self.trunk is not None:
+      x = self.trunk(x, self.train, self.axis_name)
+    return x
 
-    Returns:
-      [B, N, S, S, C].
-    """
-    if self.pooler_type not in POOLER_TYPES:
-      raise ValueError(f"pooler_type must be one of {POOLER_TYPES}, got {self.pooler_type!r}")
-    levels = range(2, 2 + len(features))
-    scales = [2.0 ** -l for l in levels]
-    extents = None
-    if padded_sizes is not None:
-      extents = jnp.stack([feature_grid_size(padded_sizes.astype(jnp.int32), l) for l in levels],
-                          axis=1)  # [B, L, 2]
-    return multilevel_roi_align_batched(
-        features, jax.lax.stop_gradient(boxes), output_size, scales,
-        sampling_ratio=self.sampling_ratio, aligned=self.aligned,
-        canonical_scale=self.canonical_scale, canonical_level=self.canonical_level,
-        extents=extents)
+
+class RoIHead(nn.Module):
+  """Base of the heads after the box head. A subclass adds its fields (architecture only, and a
+  `pooler: RoIPooler` when it pools its own features), its `@nn.compact __call__`, and the two
+  entry points the detector calls:
+
+    predict(ctx: HeadContext, detections) -> dict
+        inference on the detections (boxes [B, D, 4] canvas pixels, labels [B, D] int32, scores
+        [B, D], valid [B, D] bool, plus what earlier heads added); returns at least
+        `prediction_keys`, each [B, D, ...], which join the detections;
+    loss(ctx: HeadContext, samples: RoISamples, batch) -> dict
+        training on its sampled RoIs ([B, R] each, from its sampler section; the box head's RoI
+        samples when it has none); returns `loss_names` (float32 scalars, means over images) and
+        anything later heads read (`ctx.outputs[section]`).
+
+  The class attributes below describe the head to the builder, the training step and the
+  evaluation.
+  """
+  requires: ClassVar[Tuple[str, ...]] = ()
+  """Config sections of other heads this one reads (they must be on; a build-time error names
+  both otherwise)."""
+  batch_keys: ClassVar[Tuple[str, ...]] = ()
+  """Batch entries `loss` reads beyond images, sizes and boxes (e.g. 'gt_masks')."""
+  prediction_keys: ClassVar[Tuple[str, ...]] = ()
+  """Keys `predict` adds to the detections (and to `predict`'s results, e.g. 'masks')."""
+  loss_names: ClassVar[Tuple[str, ...]] = ()
+  """The `loss_*` keys `loss` returns."""
+  eval_task: ClassVar[Optional[str]] = None
+  """The COCO evaluation its predictions feed ('segm', 'keypoints'), or None."""
+
+
+BOX_HEAD_TYPES = ("conv_fc",)
 
 
 class BoxHead(nn.Module):
-  """TwoMLPHead (fc6, fc7) and FastRCNNPredictor (cls_score, bbox_pred)."""
+  """`conv_fc`: `conv_layers` 3x3 convs (+ norm, ReLU), flatten, `fc_layers` fcs (+ ReLU), then the
+  FastRCNNPredictor (cls_score, bbox_pred).
+
+  torchvision v1's TwoMLPHead is `conv_layers=(), fc_layers=(1024, 1024)`; v2's FastRCNNConvFCHead
+  `conv_layers=(256,) * 4, fc_layers=(1024,), norm='bn'`.
+  """
   num_classes: int
-  representation_size: int = 1024
-  """Width of fc6 and fc7."""
+  type: str = "conv_fc"
+  conv_layers: Sequence[int] = ()
+  """Channels of the 3x3 convs before the fcs."""
+  fc_layers: Sequence[int] = (1024, 1024)
+  """Widths of the fcs (named fc6, fc7, ... as torchvision's TwoMLPHead)."""
+  norm: str = "none"
+  """Norm after each conv (`layers.NORM_TYPES`)."""
   bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0)
   """Box coder weights (wx, wy, ww, wh) of the predicted deltas, for targets and decoding."""
-  fg_iou_threshold: float = 0.5
-  """Training: RoIs with IoU >= this are foreground."""
-  bg_iou_threshold: float = 0.5
-  """Training: RoIs with IoU < this are background."""
-  batch_size_per_image: int = 512
-  """Training: RoIs sampled per image."""
-  positive_fraction: float = 0.25
-  """Training: maximum foreground fraction of the sampled RoIs."""
-  crowd_ioa_threshold: float = 0.5
-  """Training: background RoIs covered more than this by a crowd region are not sampled."""
   dtype: Any = jnp.float32
 
+  def __post_init__(self):
+    if self.type not in BOX_HEAD_TYPES:
+      raise ValueError(f"box_head.type must be one of {BOX_HEAD_TYPES}, got {self.type!r}")
+    check_norm(self.norm, "box_head.norm")
+    if not self.fc_layers:
+      raise ValueError("box_head.fc_layers needs at least one fc")
+    super().__post_init__()
+
   @nn.compact
-  def __call__(self, x):
-    """x: [..., S, S, C] pooled features. Returns logits [..., K], deltas [..., K, 4] (float32)."""
+  def __call__(self, x, train: bool = False, axis_name: Optional[str] = None, mask=None):
+    """x: [..., S, S, C] pooled features; mask: [...] bool RoIs that count in batch statistics.
+
+    Returns logits [..., K], deltas [..., K, 4] (float32)."""
     lead = x.shape[:-3]
+    if self.conv_layers:
+      x = x.reshape((-1,) + x.shape[-3:])
+      m = None if mask is None else mask.reshape(-1)
+      for i, ch in enumerate(self.conv_layers):
+        x = conv(ch, 3, 1, 1, use_bias=self.norm == "none", dtype=self.dtype,
+                 name=f"conv{i + 1}")(x)
+        x = nn.relu(Norm(self.norm, dtype=self.dtype, name=f"norm{i + 1}")(x, train, axis_name, m))
     x = x.reshape(lead + (-1,))  # (h, w, c) order; the converter permutes torch's (c, h, w)
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=jnp.float32, name=name)
-    x = nn.relu(dense(self.representation_size, "fc6")(x))
-    x = nn.relu(dense(self.representation_size, "fc7")(x))
+    for j, width in enumerate(self.fc_layers):
+      x = nn.relu(dense(width, f"fc{6 + j}")(x))
     logits = dense(self.num_classes, "cls_score")(x).astype(jnp.float32)
     deltas = dense(self.num_classes * 4, "bbox_pred")(x).astype(jnp.float32)
     return logits, deltas.reshape(lead + (self.num_classes, 4))
-
-
-class MaskHead(nn.Module):
-  """MaskRCNNHeads (4 x conv3x3 + ReLU) and MaskRCNNPredictor (2x2 deconv + ReLU, 1x1 to K)."""
-  num_classes: int
-  layers: Sequence[int] = (256, 256, 256, 256)
-  """Channels of the 3x3 convs."""
-  dilation: int = 1
-  """Dilation of the 3x3 convs."""
-  num_rois: int = 128
-  """Training: foreground RoIs per image that get mask targets (torchvision: all of them, which is
-  at most 512 * 0.25 = 128)."""
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    """x: [N, S, S, C]. Returns mask logits [N, 2S, 2S, K] float32."""
-    for i, ch in enumerate(self.layers):
-      x = nn.relu(nn.Conv(ch, (3, 3), padding=((self.dilation,) * 2,) * 2,
-                          kernel_dilation=(self.dilation,) * 2, dtype=self.dtype,
-                          param_dtype=jnp.float32, name=f"mask_fcn{i + 1}")(x))
-    x = nn.relu(ConvTranspose2x2(self.layers[-1], self.dtype, name="conv5_mask")(x))
-    return conv(self.num_classes, 1, dtype=self.dtype, name="mask_fcn_logits")(x).astype(
-        jnp.float32)
 
 
 class Postprocess(nn.Module):
@@ -139,7 +153,8 @@ class Postprocess(nn.Module):
       bbox_reg_weights: the box head's coder weights (wx, wy, ww, wh).
 
     Returns:
-      dict boxes [D, 4], scores [D], labels [D] int32 (1..K-1), valid [D] bool; D detections_per_image.
+      dict boxes [D, 4], scores [D], labels [D] int32 (1..K-1), valid [D] bool; D
+      detections_per_image.
     """
     n, k = logits.shape
     boxes = box_ops.decode_boxes(deltas, proposals[:, None, :], bbox_reg_weights)

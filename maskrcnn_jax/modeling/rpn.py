@@ -1,4 +1,5 @@
-"""Region proposal network: head, anchors and proposal selection, as torchvision's `RegionProposalNetwork`."""
+"""Region proposal network: head, anchors and proposal selection, as torchvision's
+`RegionProposalNetwork`."""
 from typing import Any, Dict, List, Sequence
 
 import flax.linen as nn
@@ -6,28 +7,33 @@ import jax
 import jax.numpy as jnp
 
 from maskrcnn_jax.modeling.layers import conv, mask_to_extent
-from maskrcnn_jax.ops import anchors as anchor_ops
-from maskrcnn_jax.ops import boxes as box_ops
+from maskrcnn_jax.ops import anchors as anchor_ops, boxes as box_ops
 from maskrcnn_jax.ops.nms import nms
 
 PYRAMID_LEVELS = (2, 3, 4, 5, 6)
 
 
 class RPNHead(nn.Module):
-  """3x3 conv + ReLU shared over levels, then 1x1 objectness and box-delta convs."""
+  """`conv_depth` x (3x3 conv + ReLU) shared over levels, then 1x1 objectness and delta convs."""
   num_anchors: int
   channels: int = 256
+  conv_depth: int = 1
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, pyramid: List[jnp.ndarray], sizes=None):
-    """pyramid: L x [B, H_l, W_l, C] (P2..); sizes: padded image sizes or None. Returns logits L x [B, H_l*W_l*A], deltas L x [B, H_l*W_l*A, 4]."""
-    shared = conv(self.channels, 3, 1, 1, dtype=self.dtype, name="conv")
+    """pyramid: L x [B, H_l, W_l, C] (P2..); sizes: padded image sizes or None.
+
+    Returns logits L x [B, H_l*W_l*A], deltas L x [B, H_l*W_l*A, 4]."""
+    shared = [conv(self.channels, 3, 1, 1, dtype=self.dtype, name=f"conv_{i}")
+              for i in range(self.conv_depth)]
     cls = conv(self.num_anchors, 1, dtype=self.dtype, name="cls_logits")
     reg = conv(self.num_anchors * 4, 1, dtype=self.dtype, name="bbox_pred")
     logits, deltas = [], []
     for level, p in enumerate(pyramid, start=PYRAMID_LEVELS[0]):
-      t = nn.relu(shared(mask_to_extent(p, sizes, level)))
+      t = p
+      for c in shared:  # every 3x3 conv reads neighbours: zero what lies past the image's extent
+        t = nn.relu(c(mask_to_extent(t, sizes, level)))
       b = p.shape[0]
       logits.append(cls(t).astype(jnp.float32).reshape(b, -1))
       deltas.append(reg(t).astype(jnp.float32).reshape(b, -1, 4))
@@ -35,7 +41,9 @@ class RPNHead(nn.Module):
 
 
 class RPN(nn.Module):
-  """Head + anchors + proposals. Field names follow torchvision's `rpn_*` arguments."""
+  """Head + anchors + proposals (inference settings only: training targets are `rpn_sampler`'s).
+
+  Field names follow torchvision's `rpn_*` arguments."""
   anchor_sizes: Sequence[Sequence[float]] = ((32,), (64,), (128,), (256,), (512,))
   """Anchor sizes per pyramid level P2..P6."""
   aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)
@@ -54,32 +62,30 @@ class RPN(nn.Module):
   """Proposals narrower or shorter than this (pixels) are dropped."""
   score_threshold: float = 0.0
   """Proposals with sigmoid objectness below this are dropped."""
-  fg_iou_threshold: float = 0.7
-  """Training: anchors with IoU >= this are positive."""
-  bg_iou_threshold: float = 0.3
-  """Training: anchors with IoU < this are negative."""
-  batch_size_per_image: int = 256
-  """Training: anchors sampled per image for the loss."""
-  positive_fraction: float = 0.5
-  """Training: maximum fraction of positives among sampled anchors."""
-  crowd_ioa_threshold: float = 0.5
-  """Training: negative anchors covered more than this by a crowd region are not sampled."""
   channels: int = 256
   """Input (FPN) channels."""
+  conv_depth: int = 1
+  """3x3 convs of the head: 1 in torchvision v1, 2 in v2."""
   dtype: Any = jnp.float32
   """Compute dtype of the head."""
 
   def cells(self):
     return [anchor_ops.cell_anchors(s, self.aspect_ratios) for s in self.anchor_sizes]
 
-  @nn.compact
+  def setup(self):
+    cells = self.cells()
+    if len({c.shape[0] for c in cells}) != 1:
+      raise ValueError("every level needs the same number of anchors per location")
+    self.head = RPNHead(cells[0].shape[0], self.channels, self.conv_depth, self.dtype)
+
   def __call__(self, pyramid: List[jnp.ndarray], image_sizes, padded_sizes,
                train: bool = False) -> Dict[str, jnp.ndarray]:
     """Runs the head and selects proposals.
 
     Args:
       pyramid: [P2..P6], each [B, H_l, W_l, C].
-      image_sizes: [B, 2] int32 (h, w) of each resized image before padding (boxes are clipped to it).
+      image_sizes: [B, 2] int32 (h, w) of each resized image before padding (boxes are clipped
+        to it).
       padded_sizes: [B, 2] int32 (h, w) each image is padded to in torchvision's own batching (a
         multiple of 32); equal to the canvas in exact mode. Anchors beyond it are invalid.
       train: selects the *_train top-k sizes.
@@ -92,9 +98,7 @@ class RPN(nn.Module):
     if len(self.anchor_sizes) != len(pyramid):
       raise ValueError(f"{len(self.anchor_sizes)} anchor sizes for {len(pyramid)} pyramid levels")
     cells = self.cells()
-    if len({c.shape[0] for c in cells}) != 1:
-      raise ValueError("every level needs the same number of anchors per location")
-    logits, deltas = RPNHead(cells[0].shape[0], self.channels, self.dtype, name="head")(pyramid, padded_sizes)
+    logits, deltas = self.head(pyramid, padded_sizes)
     grid_shapes = [p.shape[1:3] for p in pyramid]
     levels = PYRAMID_LEVELS[:len(pyramid)]
     anchors, anchor_valid = jax.vmap(
@@ -143,5 +147,6 @@ class RPN(nn.Module):
     top, idx = jax.lax.top_k(jnp.where(keep_valid, probs, -1.0), n_out)
     out_boxes, out_valid = boxes[idx], keep_valid[idx]
     pad = post_k - n_out
-    return (jnp.pad(out_boxes, ((0, pad), (0, 0))), jnp.pad(jnp.where(out_valid, top, 0.0), (0, pad)),
+    return (jnp.pad(out_boxes, ((0, pad), (0, 0))),
+            jnp.pad(jnp.where(out_valid, top, 0.0), (0, pad)),
             jnp.pad(out_valid, (0, pad)))

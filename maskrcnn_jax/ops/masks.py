@@ -1,8 +1,61 @@
-"""Mask pasting: per-RoI mask probabilities into the full image, as torchvision does it."""
+"""Mask ops: class-channel selection, mask targets from ground-truth crops, and pasting per-RoI
+mask probabilities into the full image, as torchvision does it."""
 import jax
 import jax.numpy as jnp
 
+from maskrcnn_jax.ops.roi_align import roi_align_batched
 from maskrcnn_jax.types import Array
+
+
+def select_class_channel(x: Array, labels: Array) -> Array:
+  """The channel of each RoI's class: per-class maps, or the one class-agnostic channel.
+
+  Used by the mask loss and the mask inference alike (and by any head with per-class outputs).
+
+  Args:
+    x: [N..., S, S, K] per-class maps of N... RoIs; K = 1 means class-agnostic (that channel serves
+      every class).
+    labels: [N...] int32 class of each RoI (ignored when K = 1).
+
+  Returns:
+    [N..., S, S].
+  """
+  spatial = x.ndim - labels.ndim - 1
+  if spatial < 0 or x.shape[:labels.ndim] != labels.shape:
+    raise ValueError(f"x {x.shape} must be labels' shape {labels.shape} + [..., K]")
+  if x.shape[-1] == 1:
+    return x[..., 0]
+  idx = labels.astype(jnp.int32).reshape(labels.shape + (1,) * (spatial + 1))
+  return jnp.take_along_axis(x, idx, axis=-1)[..., 0]
+
+
+def project_mask_crops(crops: Array, gt_boxes: Array, gt_index: Array, rois: Array,
+                       size: int) -> Array:
+  """Mask targets: each RoI's ground-truth crop resampled into the RoI, as `project_masks_on_boxes`.
+
+  The crops cover their ground-truth boxes (crop pixel (i, j) samples the box at ((j + .5) / S,
+  (i + .5) / S) of its extent), so a RoI maps into crop coordinates by an affine map and RoIAlign
+  (aligned=True) samples it there; outside the crop the target is 0. torchvision cuts targets from
+  the full mask with `roi_align(aligned=False)`, which reads pixel k's value at coordinate k rather
+  than k + 0.5; the RoI is shifted by half a pixel so that the targets follow that convention.
+
+  Args:
+    crops: [M, S, S] float in [0, 1]; gt_boxes: [M, 4] (x1, y1, x2, y2); gt_index: [P] int32;
+    rois: [P, 4] (x1, y1, x2, y2); size: output side (28).
+
+  Returns:
+    [P, size, size] float32 in [0, 1].
+  """
+  s = crops.shape[-1]
+  g = gt_boxes[gt_index]
+  scale_x = s / jnp.maximum(g[:, 2] - g[:, 0], 1e-6)
+  scale_y = s / jnp.maximum(g[:, 3] - g[:, 1], 1e-6)
+  local = (rois + 0.5 - jnp.stack([g[:, 0], g[:, 1], g[:, 0], g[:, 1]], -1)) * jnp.stack(
+      [scale_x, scale_y, scale_x, scale_y], -1)
+  maps = crops[gt_index].astype(jnp.float32)[..., None]  # [P, S, S, 1]
+  out = roi_align_batched(maps, jax.lax.stop_gradient(local)[:, None], size, 1.0,
+                          sampling_ratio=2, aligned=True)
+  return out[:, 0, ..., 0]
 
 
 def _resize_rows(dst: Array, out_size: Array, in_size: int) -> Array:
@@ -31,11 +84,11 @@ def _resize_rows(dst: Array, out_size: Array, in_size: int) -> Array:
 def paste_masks(masks: Array, boxes: Array, height: int, width: int, padding: int = 1) -> Array:
   """Pastes RoI masks into an image canvas, exactly as torchvision's `paste_masks_in_image`.
 
-  Each `S x S` mask is zero-padded by `padding`, its box enlarged by `(S + 2 * padding) / S` about its
-  centre and truncated to integers, the padded mask resized bilinearly (align_corners=False) to the
-  integer box size `(x2 - x1 + 1, y2 - y1 + 1)`, and written at the box's place; pixels outside every
-  box stay 0. The canvas may be larger than the image (bucketed inference): pixels beyond the image
-  are then simply cropped by the caller, since torchvision's clipping only removes those.
+  Each `S x S` mask is zero-padded by `padding`, its box enlarged by `(S + 2 * padding) / S` about
+  its centre and truncated to integers, the padded mask resized bilinearly (align_corners=False) to
+  the integer box size `(x2 - x1 + 1, y2 - y1 + 1)`, and written at the box's place; pixels outside
+  every box stay 0. The canvas may be larger than the image (bucketed inference): pixels beyond the
+  image are then simply cropped by the caller, since torchvision's clipping only removes those.
 
   Args:
     masks: [N, S, S] float mask probabilities (one channel per RoI, already class-selected).

@@ -16,6 +16,7 @@ import time
 from typing import Any, Optional, Tuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -53,6 +54,12 @@ def _flat_shapes(tree, serialize: bool = False):
   return out
 
 
+def _is_partial(abstract_state) -> bool:
+  """A dict of some of a TrainState's fields (e.g. {'step', 'params', 'batch_stats'} for
+  evaluation) rather than a whole TrainState."""
+  return isinstance(abstract_state, dict)
+
+
 class _DropReadOnlyNotice(logging.Filter):
   """orbax warns 'Given directory is read only' whenever a manager is opened read-only, which is
   what evaluation asks for: not worth a line on the user's console."""
@@ -87,8 +94,10 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=int(keep) if keep else None, create=True, cleanup_tmp_directories=True,
           enable_async_checkpointing=bool(async_save))
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_handlers=ocp.StandardCheckpointHandler())
+    # Read-only managers restore through the PyTree handler, which reads a part of a checkpoint
+    # (evaluation reads the parameters, never the optimizer state); the files are the same.
+    handler = ocp.PyTreeCheckpointHandler() if self.read_only else ocp.StandardCheckpointHandler()
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handler)
 
   def _report_partial_saves(self):
     if not os.path.isdir(self.directory):
@@ -118,9 +127,12 @@ class Checkpointer:
     return self.manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
 
   def check_shapes(self, step: int, abstract_state):
-    """Raises CheckpointMismatchError naming every array whose shape (or presence) differs."""
+    """Raises CheckpointMismatchError naming every array whose shape (or presence) differs (for
+    a partial `abstract_state`, within the parts it holds)."""
     stored = _flat_shapes(self.manager.item_metadata(step).tree)
     wanted = _flat_shapes(abstract_state, serialize=True)
+    if _is_partial(abstract_state):
+      stored = {k: v for k, v in stored.items() if k.split(".", 1)[0] in abstract_state}
     problems = []
     for k in sorted(set(stored) | set(wanted)):
       if k not in stored:
@@ -138,6 +150,9 @@ class Checkpointer:
 
   def restore_latest(self, abstract_state) -> Tuple[Optional[Any], Optional[int]]:
     """The newest readable checkpoint restored into `abstract_state`'s structure and shardings.
+
+    `abstract_state` is a TrainState, or a dict of some of its fields (e.g. {'step', 'params',
+    'batch_stats'} for evaluation: the optimizer state is then never read).
 
     Returns (state, step), or (None, None) when there is no checkpoint. Unreadable checkpoints are
     reported, moved to `<workdir>/checkpoints_corrupt/` (unless read-only) and skipped.
@@ -196,8 +211,20 @@ class Checkpointer:
       raise RuntimeError(f"checkpoint {self.path(step)} is unreadable: {_first_line(e)}") from e
 
   def _restore_arrays(self, step: int, abstract_state):
-    state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    restored_step = int(jax.device_get(state.step.addressable_data(0)))
+    partial = _is_partial(abstract_state)
+    if self.read_only:
+      args = ocp.args.PyTreeRestore(
+          item=abstract_state, partial_restore=partial,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+    elif partial:
+      raise ValueError("a partial restore needs a read-only Checkpointer")
+    else:
+      args = ocp.args.StandardRestore(abstract_state)
+    state = self.manager.restore(step, args=args)
+    step_array = state["step"] if partial else state.step
+    if isinstance(step_array, jax.Array):  # also when not fully addressable (multi-host)
+      step_array = step_array.addressable_data(0)
+    restored_step = int(np.asarray(step_array))
     if restored_step != step:
       raise ValueError(f"it holds step {restored_step}")
     return state

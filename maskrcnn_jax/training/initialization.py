@@ -14,33 +14,17 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from maskrcnn_jax.convert import torchvision as tv_convert
+from maskrcnn_jax.modeling.mask_rcnn import init_variables
 from maskrcnn_jax.training.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def _create_all_variables(model, images, sizes):
-  """Touches every parameterized part once, skipping RoIAlign and post-processing (whose
-  compilation costs more than the rest together and which create no variables)."""
-  pyramid = model.features(images)
-  model.rpn(pyramid, sizes, sizes, train=False)
-  c = pyramid[0].shape[-1]
-  r = model.roi_align
-  model.box_head(jnp.zeros((1, 1, r.box_output_size, r.box_output_size, c), images.dtype))
-  if model.mask_head is not None:
-    model.mask_head(jnp.zeros((1, r.mask_output_size, r.mask_output_size, c), images.dtype))
-
-
 def random_variables(model, seed: int) -> Dict[str, Any]:
   """`{'params', 'batch_stats'}` of `model`, randomly initialized from `seed`."""
-  # Parameter shapes do not depend on the proposal counts: shrink them to keep compilation short.
-  small = model.clone(rpn=model.rpn.clone(pre_nms_topk_test=8, post_nms_topk_test=8))
-  images = jnp.zeros((1, 64, 64, 3), jnp.float32)
-  sizes = jnp.array([[64, 64]], jnp.int32)
-  init = jax.jit(lambda key: small.init(key, images, sizes, method=_create_all_variables))
   # The 'rbg' generator compiles about twice as fast as threefry here (seconds on a CPU).
-  variables = init(jax.random.key(seed, impl="rbg"))
-  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+  init = jax.jit(lambda key: init_variables(model, key))
+  return init(jax.random.key(seed, impl="rbg"))
 
 
 def overlay(variables: Mapping[str, Any], loaded: Mapping[str, Any]) -> Dict[str, Any]:
@@ -104,6 +88,8 @@ def _load_over(model, variables, tv_path: str, imagenet_path: str) -> Dict[str, 
       log.warning("re-initialized (not in the checkpoint): %s", _summary(report["missing"]))
     if report["unexpected"]:
       log.warning("ignored (not in this model): %s", _summary(report["unexpected"]))
+    if report["no_counterpart"]:
+      log.info("kept random (no torchvision counterpart): %s", _summary(report["no_counterpart"]))
     variables = overlay(variables, loaded)
     variables["init_report"] = report
     return variables

@@ -70,16 +70,18 @@ def learning_rate_schedule(training: Mapping[str, Any]) -> Callable[[Any], Any]:
 def frozen_prefixes(frozen_stages: int):
   """Parameter path prefixes frozen by `training.frozen_stages`.
 
-  0 freezes nothing (torchvision's trainable_layers=5); k in 1..4 freezes the stem conv1 and
-  layer1..layer{k} (k=1 is torchvision's default trainable_layers=3; Detectron2's FREEZE_AT=k+1).
-  The frozen BatchNorm statistics are in 'batch_stats', outside the parameters, at any setting.
+  0 freezes nothing (torchvision's trainable_layers=5); k in 1..4 freezes the stem (conv1, bn1)
+  and layer1..layer{k} (k=1 is torchvision's default trainable_layers=3; Detectron2's
+  FREEZE_AT=k+1). Norm statistics are in 'batch_stats', outside the parameters; those of frozen
+  stages also stay at their running values in training (`build_model(frozen_stages=k)`).
   """
   k = int(frozen_stages)
   if not 0 <= k <= 4:
     raise ConfigError(f"training.frozen_stages must be in 0..4, got {k}")
   if k == 0:
     return ()
-  return (("backbone", "conv1"),) + tuple(("backbone", f"layer{i}") for i in range(1, k + 1))
+  return (("backbone", "conv1"), ("backbone", "bn1")) + tuple(
+      ("backbone", f"layer{i}") for i in range(1, k + 1))
 
 
 def _is_frozen(path, prefixes) -> bool:

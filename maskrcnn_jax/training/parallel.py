@@ -12,30 +12,25 @@ the global array with `jax.make_array_from_process_local_data`.
 
 Sampling randomness (the RPN's anchor sampler and the RoI sampler) is a key per example,
 `fold_in(fold_in(rng, step), global example index)`, where the global index of local example j on
-device d is `d * per_device_batch + j`. The model's losses are per-image means, so running each
-example with its own key (a vmap over examples) gives the same samples, losses and gradients
-whatever the number of devices or processes the global batch is split over: a step on 8 devices
-equals a step on 1 device over the same 8 images (up to float summation order).
+device d is `d * per_device_batch + j`, passed to the model's loss with the device's batch. The
+losses are per-image means and batch-statistics norms reduce over the data axis (SyncBatchNorm), so
+samples, losses, gradients and running statistics are the same whatever the number of devices or
+processes the global batch is split over: a step on 8 devices equals a step on 1 device over the
+same 8 images (up to float summation order).
 """
 import os
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from maskrcnn_jax.training.train_state import TrainState
 
 AXIS = "data"
-LOSS_KEYS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg",
-             "loss_mask")
-# What the step reads from a pipeline batch (the other keys stay on the host).
-BATCH_KEYS = ("image", "image_size", "gt_boxes", "gt_classes", "gt_valid", "gt_masks",
-              "crowd_boxes", "crowd_valid")
 
 _ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
         "process_id": "JAX_PROCESS_ID"}
@@ -103,31 +98,27 @@ def make_train_step(model, tx: optax.GradientTransformation, learning_rate: Call
     trainable: params-shaped tree of bools, the leaves counted in 'grad_norm' (default all).
     axis_name: the mesh axis the batch is split over.
 
-  `batch` holds this device's examples: image [b, H, W, 3], image_size [b, 2], gt_boxes [b, M, 4],
-  gt_classes [b, M], gt_valid [b, M], gt_masks [b, M, S, S], crowd_boxes [b, Mc, 4], crowd_valid
-  [b, Mc]. `metrics` are global means: each loss, 'loss' (their sum, the objective),
+  `batch` holds this device's examples, the model's `batch_keys` (image [b, H, W, 3], image_size
+  [b, 2], gt_boxes [b, M, 4], gt_classes [b, M], gt_valid [b, M], crowd_boxes [b, Mc, 4],
+  crowd_valid [b, Mc], and the heads' entries such as gt_masks [b, M, S, S]). The model's
+  `losses` runs once on it (batch-statistics norms need the whole batch). `metrics` are global
+  means: every `loss_*`, 'loss' (the objective: their sum, weighted by the model's loss_weights),
   'num_fg_rois', 'grad_norm' (global norm of the averaged gradients of trained parameters, before
-  clipping) and 'learning_rate' (of this update); all float32 and identical on every device.
+  clipping) and 'learning_rate' (of this update); all float32 and identical on every device. The
+  state's batch_stats take the running statistics the model updated.
   """
 
   def losses(params, batch_stats, batch, keys):
-    def one(example, key):
-      example = jax.tree.map(lambda a: a[None], example)
-      return model.apply(
-          {"params": params, "batch_stats": batch_stats}, example["image"],
-          example["image_size"], example["gt_boxes"], example["gt_classes"],
-          example["gt_valid"], example.get("gt_masks"), example.get("crowd_boxes"),
-          example.get("crowd_valid"), method=model.losses, rngs={"sampling": key})
-    per_example = jax.vmap(one)(batch, keys)
-    out = {k: jnp.mean(v.astype(jnp.float32)) for k, v in per_example.items()}
-    total = sum(out[k] for k in LOSS_KEYS if k in out)
-    return total, out
+    out, updated = model.apply({"params": params, "batch_stats": batch_stats}, batch, keys,
+                               axis_name, method=model.losses, mutable=["batch_stats"])
+    out = {k: v.astype(jnp.float32) for k, v in out.items()}
+    return model.objective(out), (out, updated.get("batch_stats", batch_stats))
 
   def train_step(state: TrainState, batch: Dict[str, jnp.ndarray]):
     b = batch["image"].shape[0]
     index = lax.axis_index(axis_name) * b + jnp.arange(b, dtype=jnp.int32)
     keys = example_keys(state.rng, state.step, index)
-    (total, metrics), grads = jax.value_and_grad(losses, has_aux=True)(
+    (total, (metrics, batch_stats)), grads = jax.value_and_grad(losses, has_aux=True)(
         state.params, state.batch_stats, batch, keys)
     grads = lax.pmean(grads, axis_name)
     metrics = lax.pmean(dict(metrics, loss=total), axis_name)
@@ -137,7 +128,8 @@ def make_train_step(model, tx: optax.GradientTransformation, learning_rate: Call
     metrics["learning_rate"] = jnp.asarray(learning_rate(state.step), jnp.float32)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         batch_stats=batch_stats), metrics
 
   return train_step
 
@@ -170,15 +162,18 @@ def replicate(tree, mesh):
   return jax.tree.map(put, jax.device_get(tree))
 
 
-def global_batch(local_batch: Mapping[str, np.ndarray], mesh) -> Dict[str, jax.Array]:
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh,
+                 keys: Sequence[str]) -> Dict[str, jax.Array]:
   """This process's batch -> global arrays split over the mesh's 'data' axis.
 
-  The local batch size must be a multiple of this process's device count; the global batch is
-  the processes' batches concatenated in process order.
+  Only `keys` (the model's `batch_keys`) go to the devices; those the batch lacks are left out
+  (the model names what it needs and misses). The local batch size must be a multiple of this
+  process's device count; the global batch is the processes' batches concatenated in process
+  order.
   """
   sharding = NamedSharding(mesh, P(AXIS))
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k]))
-          for k in BATCH_KEYS if k in local_batch}
+          for k in keys if k in local_batch}
 
 
 def to_host(tree):

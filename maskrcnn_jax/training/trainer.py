@@ -25,8 +25,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from maskrcnn_jax.modeling.builder import build_model
-from maskrcnn_jax.training import checkpoint as ckpt_lib
-from maskrcnn_jax.training import data_source, initialization, optimizer, parallel
+from maskrcnn_jax.modeling.mask_rcnn import BOX_LOSSES
+from maskrcnn_jax.training import (
+    checkpoint as ckpt_lib,
+    data_source,
+    initialization,
+    optimizer,
+    parallel,
+)
 from maskrcnn_jax.training.errors import ConfigError
 from maskrcnn_jax.training.train_state import TrainState
 
@@ -97,7 +103,9 @@ def progress_line(step: int, total: int, steps_per_sec: float, metrics: Mapping[
   eta = (total - step) / steps_per_sec if steps_per_sec > 0 else float("inf")
   parts = [f"step {step}/{total}", f"{steps_per_sec:.2f} steps/s", f"ETA {_format_duration(eta)}",
            f"loss {metrics['loss']:.4f}"]
-  parts += [f"{k} {metrics[k]:.4f}" for k in parallel.LOSS_KEYS if k in metrics]
+  losses = [k for k in BOX_LOSSES if k in metrics]
+  losses += sorted(k for k in metrics if k.startswith("loss_") and k not in BOX_LOSSES)
+  parts += [f"{k} {metrics[k]:.4f}" for k in losses]
   parts += [f"grad_norm {metrics['grad_norm']:.3g}", f"lr {metrics['learning_rate']:.3g}"]
   return " | ".join(parts)
 
@@ -212,6 +220,16 @@ def validate_config(config):
       raise ConfigError(f"config.init.{key}={path!r}: no such file")
 
 
+def model_from_config(config):
+  """`build_model(config.model)` for training (the backbone's frozen stages keep their batch-norm
+  statistics); a config it cannot build is a ConfigError naming the key."""
+  try:
+    return build_model(config.model,
+                       frozen_stages=int(config.training.get("frozen_stages", 0)))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def _check_batch(training) -> int:
   """The per-process batch size; the global one must split evenly over processes and devices."""
   global_batch = int(training.batch_size)
@@ -228,6 +246,15 @@ def abstract_train_state(model, tx_fn, mesh) -> TrainState:
     variables = initialization.random_variables(model, 0)
     return TrainState.create(variables, tx_fn(variables["params"]))
   shapes = jax.eval_shape(make)
+  sharding = parallel.replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def abstract_inference_state(model, mesh) -> Dict[str, Any]:
+  """{'step', 'params', 'batch_stats'}: the part of a TrainState inference restores (no optimizer
+  state is built or read), as shapes with replicated shardings."""
+  shapes = jax.eval_shape(lambda: initialization.random_variables(model, 0))
+  shapes = {"step": jax.ShapeDtypeStruct((), np.int32), **shapes}
   sharding = parallel.replicated(mesh)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
@@ -251,6 +278,7 @@ def train_and_evaluate(config, workdir: str, *, evaluate: Optional[EvaluateFn] =
     checkpoint.CheckpointMismatchError: the workdir's checkpoint does not fit the config.
   """
   validate_config(config)
+  model = model_from_config(config)  # touches no device: before jax.distributed
   training = config.training
   parallel.maybe_initialize_distributed(training)
   _enable_compilation_cache(training)
@@ -260,7 +288,6 @@ def train_and_evaluate(config, workdir: str, *, evaluate: Optional[EvaluateFn] =
   is_main = jax.process_index() == 0
   say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
 
-  model = build_model(config.model)
   mesh = parallel.make_mesh()
   per_process_batch = _check_batch(training)
   total_steps = int(training.steps)
@@ -327,7 +354,7 @@ def train_and_evaluate(config, workdir: str, *, evaluate: Optional[EvaluateFn] =
     while step < total_steps:
       local_batch = next(batches)
       t = time.time()
-      state, metrics = step_fn(state, parallel.global_batch(local_batch, mesh))
+      state, metrics = step_fn(state, parallel.global_batch(local_batch, mesh, model.batch_keys))
       metrics = {k: float(v) for k, v in parallel.to_host(metrics).items()}
       step += 1
       if step == start + 1:

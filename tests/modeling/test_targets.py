@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maskrcnn_jax.modeling.mask_rcnn import project_mask_crops
+from maskrcnn_jax.ops.masks import project_mask_crops
+from maskrcnn_jax.training import initialization
 from tests.conftest import torch_or_skip
 
 CROP = 112
@@ -57,7 +58,7 @@ def _crops(torch, masks, boxes, size=CROP):
 
 
 def _rois_near(rng, boxes, num, jitter):
-  """num RoIs, each a gt box with corners moved by up to `jitter` of its size; and their gt index."""
+  """num RoIs, each a gt box with corners moved by up to `jitter` of its size; their gt index."""
   gt_index = rng.integers(0, len(boxes), num)
   g = boxes[gt_index]
   wh = np.concatenate([g[:, 2:] - g[:, :2]] * 2, 1)
@@ -109,7 +110,8 @@ def np_roi_align(image, boxes, size, sampling_ratio, aligned):
 
 
 def np_project_mask_crops(crops, gt_boxes, gt_index, rois, size):
-  """Reference of the documented mapping: each RoI, shifted half a pixel (torchvision's aligned=False
+  """Reference of the documented mapping: each RoI, shifted half a pixel (torchvision's
+  aligned=False
   convention), in its gt box's crop coordinates (float64), RoIAlign(aligned=True,
   sampling_ratio=2) of the crop there."""
   s = crops.shape[-1]
@@ -215,16 +217,17 @@ def _tiny_model_and_batch():
   masks = np.zeros((2, m, CROP, CROP), np.float32)
   yy, xx = np.mgrid[:CROP, :CROP]
   masks[0, :3] = ((yy - 56) ** 2 + (xx - 56) ** 2 < 50 ** 2)  # discs filling their boxes
-  batch = tuple(jnp.asarray(x) for x in (images, sizes, boxes, classes, valid, masks))
-  variables = model.init({"params": jax.random.key(0), "sampling": jax.random.key(1)}, *batch,
-                         method=model.losses)
+  names = ("image", "image_size", "gt_boxes", "gt_classes", "gt_valid", "gt_masks")
+  batch = {k: jnp.asarray(x) for k, x in zip(names, (images, sizes, boxes, classes, valid, masks))}
+  variables = initialization.random_variables(model, 0)
   return model, variables, batch
 
 
 def _loss_fn(model):
   def fn(params, batch_stats, batch, key):
-    out = model.apply({"params": params, "batch_stats": batch_stats}, *batch,
-                      rngs={"sampling": key}, method=model.losses)
+    keys = jax.random.split(key, batch["image"].shape[0])
+    out = model.apply({"params": params, "batch_stats": batch_stats}, batch, keys,
+                      method=model.losses)
     total = sum(out[k] for k in ("loss_objectness", "loss_rpn_box_reg", "loss_classifier",
                                  "loss_box_reg", "loss_mask"))
     return total, out
@@ -247,7 +250,7 @@ def test_losses_batch_with_empty_image_finite():
 @pytest.mark.slow
 def test_losses_empty_image_zero_box_and_mask_losses():
   model, variables, batch = _tiny_model_and_batch()
-  empty = tuple(x[1:] for x in batch)
+  empty = {k: x[1:] for k, x in batch.items()}
   total, out = jax.jit(_loss_fn(model))(variables["params"], variables["batch_stats"], empty,
                                         jax.random.key(3))
   assert float(out["loss_rpn_box_reg"]) == 0.0

@@ -1,9 +1,10 @@
-"""Random-init torchvision Mask R-CNNs that behave like detectors, for side-by-side tests.
+"""Random-init torchvision Faster/Mask R-CNNs (v1, v2) that behave like detectors, for side-by-side
+tests.
 
 torchvision's own random init gives near-constant class scores (no detection passes 0.05), so after
-seeding we randomize every BatchNorm's statistics and affine terms, widen the heads a little, and take
-the proposal-mean direction out of the classifier, which gives ~100 detections over a dozen classes
-with distinct scores: a real test of per-class decoding, NMS and masks.
+seeding we randomize every BatchNorm's statistics and affine terms, widen the heads a little, and
+take the proposal-mean direction out of the classifier, which gives ~100 detections over a dozen
+classes with distinct scores: a real test of per-class decoding, NMS and masks.
 """
 import numpy as np
 
@@ -20,20 +21,52 @@ def to_tensor(image: np.ndarray):
   return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
 
 
-def build_torchvision(depth: int = 50, seed: int = 0, calibration_image=None):
-  """A torchvision Mask R-CNN (R50-FPN via `maskrcnn_resnet50_fpn`, R101-FPN with FrozenBatchNorm2d
-  via `resnet_fpn_backbone`) with detector-like random weights, in eval mode."""
+MODELS = {  # name -> (mask head, version)
+    "maskrcnn": (True, 1), "fasterrcnn": (False, 1),
+    "maskrcnn_v2": (True, 2), "fasterrcnn_v2": (False, 2),
+}
+
+
+def _construct(kind: str, depth: int, **kwargs):
+  """torchvision's `{kind}_resnet50_fpn[_v2]` with weights=None (BatchNorm2d backbone), or for
+  another depth the same composition on that ResNet (v1: `resnet_fpn_backbone`, FrozenBatchNorm2d
+  form; v2: BatchNorm2d everywhere, two-conv RPN head, 4conv1fc box head, BN mask head)."""
+  import torch.nn as nn
+  import torchvision
+  from torchvision.models.detection import FasterRCNN, MaskRCNN
+  from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor, resnet_fpn_backbone
+  from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+  from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+  from torchvision.models.detection.rpn import RPNHead
+  mask, version = MODELS[kind]
+  if depth == 50:
+    ctor = getattr(torchvision.models.detection,
+                   f"{kind.split('_')[0]}_resnet50_fpn" + ("_v2" if version == 2 else ""))
+    return ctor(weights=None, weights_backbone=None, **kwargs)
+  cls = MaskRCNN if mask else FasterRCNN
+  if version == 1:
+    backbone = resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None,
+                                   trainable_layers=5)
+    return cls(backbone, num_classes=91, **kwargs)
+  body = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+  backbone = _resnet_fpn_extractor(body, 5, norm_layer=nn.BatchNorm2d)
+  heads = dict(rpn_head=RPNHead(256, 3, conv_depth=2),
+               box_head=FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024],
+                                           norm_layer=nn.BatchNorm2d))
+  if mask:
+    heads["mask_head"] = MaskRCNNHeads(256, [256] * 4, 1, norm_layer=nn.BatchNorm2d)
+  return cls(backbone, num_classes=91, **heads, **kwargs)
+
+
+def build_torchvision(depth: int = 50, seed: int = 0, calibration_image=None,
+                      kind: str = "maskrcnn", **kwargs):
+  """A torchvision detector (`kind` in MODELS, ResNet-`depth` FPN) with detector-like random
+  weights, in eval mode. kwargs go to the model's constructor (e.g. min_size, proposal counts)."""
   import torch
   import torchvision
-  from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
-  from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
   torch.manual_seed(seed)
-  if depth == 50:
-    m = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)  # BatchNorm2d form
-  else:
-    backbone = resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None, trainable_layers=5)
-    m = MaskRCNN(backbone, num_classes=91)  # FrozenBatchNorm2d form
+  m = _construct(kind, depth, **kwargs)
   m.eval()
   g = torch.Generator().manual_seed(seed + 1)
   norms = (torch.nn.BatchNorm2d, torchvision.ops.misc.FrozenBatchNorm2d)
@@ -57,8 +90,9 @@ def build_torchvision(depth: int = 50, seed: int = 0, calibration_image=None):
     m.rpn.head.cls_logits.weight.div_(obj_std / 2.0)
     m.rpn.head.cls_logits.bias.zero_()
     props, _ = m.rpn(il, feats)
-    m.roi_heads.box_head.fc6.weight.mul_(3)
-    m.roi_heads.box_head.fc7.weight.mul_(3)
+    for layer in m.roi_heads.box_head.modules():
+      if isinstance(layer, torch.nn.Linear):
+        layer.weight.mul_(3)
     box_feats = m.roi_heads.box_head(m.roi_heads.box_roi_pool(feats, props, il.image_sizes))
     reg = m.roi_heads.box_predictor.bbox_pred
     reg.weight.div_(reg(box_feats).std() / 0.5)
@@ -87,7 +121,8 @@ def match_detections(ref: dict, ours: dict, iou_min=0.99, score_tol=1e-3, mask_i
   """Matches each reference detection to an unused one of ours with the same label, box IoU >=
   iou_min and |score difference| <= score_tol (greedy, best IoU first).
 
-  Returns dict(n_ref, n_ours, matched, rate, min_mask_iou, mask_ok_rate, max_score_diff, min_box_iou).
+  Returns dict(n_ref, n_ours, matched, rate, min_mask_iou, mask_ok_rate, max_score_diff,
+    min_box_iou).
   """
   n_ref, n_ours = len(ref["scores"]), len(ours["scores"])
   stats = dict(n_ref=n_ref, n_ours=n_ours, matched=0, rate=1.0 if n_ref == 0 else 0.0,
@@ -107,7 +142,8 @@ def match_detections(ref: dict, ours: dict, iou_min=0.99, score_tol=1e-3, mask_i
   stats["matched"] = len(pairs)
   stats["rate"] = len(pairs) / n_ref
   if pairs:
-    stats["max_score_diff"] = float(max(abs(ref["scores"][i] - ours["scores"][j]) for i, j in pairs))
+    stats["max_score_diff"] = float(max(abs(ref["scores"][i] - ours["scores"][j])
+                                        for i, j in pairs))
     stats["min_box_iou"] = float(min(iou[i, j] for i, j in pairs))
     if "masks" in ref and "masks" in ours:
       mious = []

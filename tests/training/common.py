@@ -19,7 +19,7 @@ def make_config(cache_dir, overrides=None):
   c = tiny.get_config()
   m = c.model
   m.rpn.post_nms_topk_train = 256
-  m.box_head.batch_size_per_image = 128
+  m.roi_sampler.batch_size_per_image = 128
   m.mask_head.num_rois = 32
   d = c.data
   d.cache_dir = cache_dir
@@ -46,6 +46,7 @@ def make_config(cache_dir, overrides=None):
 def flat_params(state):
   """{'a/b/kernel': float32 numpy} of a TrainState's params (replicated arrays)."""
   from flax import traverse_util
+
   from maskrcnn_jax.training import parallel
   params = parallel.to_host(state.params)
   return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}

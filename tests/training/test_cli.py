@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from tests.training import common
 
 
@@ -43,6 +45,7 @@ def test_unknown_config_field(tmp_path):
   assert "lr" in r.stderr
 
 
+@pytest.mark.slow
 def test_unreadable_init_weights(tmp_path):
   bad = tmp_path / "weights.pth"
   bad.write_bytes(b"not a torch file")

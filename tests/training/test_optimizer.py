@@ -80,6 +80,7 @@ def test_weight_decay_mask_skips_biases_unless_asked():
   assert all(traverse_util.flatten_dict(opt.weight_decay_mask(params, True)).values())
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("clip", [0.0, 0.5])
 def test_matches_torch_sgd_and_frozen_params_never_move(clip):
   """Several updates of make_optimizer == torch.optim.SGD (momentum, weight decay on kernels only,

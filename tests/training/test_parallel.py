@@ -23,14 +23,23 @@ def test_example_keys_depend_on_global_index_only():
   assert not np.array_equal(other_step, whole)
 
 
+# Batch-statistics BatchNorm (torchvision v2's norms) in the backbone, FPN and both heads: the
+# statistics are reduced over all devices, so they too must not depend on the split.
+SYNC_BN = {"model.backbone.norm": "bn", "model.fpn.norm": "bn", "model.box_head.norm": "bn",
+           "model.box_head.conv_layers": (32, 32), "model.box_head.fc_layers": (64,),
+           "model.mask_head.norm": "bn"}
+
+
 @pytest.mark.slow
 def test_eight_devices_equal_one_device(shapes_cache, tmp_path):
   """Two steps (so schedule, momentum and sampling all take part) on a global batch of 8 images
   split over 8 devices give the parameters of the same two steps on 1 device (relative 1e-5).
   Both sides draw the same RoI/anchor samples because every example's sampling key is
-  fold_in(fold_in(rng, step), global example index) (see `parallel.example_keys`)."""
+  fold_in(fold_in(rng, step), global example index) (see `parallel.example_keys`), and the
+  model's BatchNorm layers (v2-style norms) average their batch statistics over all devices, so
+  the running statistics agree too."""
   spec = dict(mode="dp_equivalence", cache_dir=shapes_cache, out=str(tmp_path / "dp"),
-              overrides={"training.batch_size": 8, "training.frozen_stages": 1})
+              overrides={"training.batch_size": 8, "training.frozen_stages": 1, **SYNC_BN})
   spec_path = tmp_path / "dp.json"
   spec_path.write_text(json.dumps(spec))
   p = common.start_worker(spec_path, num_devices=8)
@@ -46,6 +55,10 @@ def test_eight_devices_equal_one_device(shapes_cache, tmp_path):
   # Frozen stem and layer1 (frozen_stages=1) did not move; everything else did.
   assert r["frozen_changed"] == []
   assert len(r["changed"]) > 0
+  assert r["max_rel_stats_diff"] <= 1e-5, r["max_rel_stats_diff"]
+  moved = set(r["stats_changed"])
+  assert "box_head/norm1/running_var" in moved and "backbone/layer2_0/bn1/running_mean" in moved
+  assert not any(k.startswith(("backbone/bn1/", "backbone/layer1_")) for k in moved)
 
 
 def _free_port():

@@ -21,6 +21,7 @@ import numpy as np
 
 def _train(spec):
   import jax
+
   from maskrcnn_jax.training import trainer
   from tests.training.common import flat_params, make_config
 
@@ -58,6 +59,7 @@ def _train(spec):
 def _dp_equivalence(spec):
   """One step on all (8) devices vs one step on device 0 alone, same state, same 8 images."""
   import jax
+
   from maskrcnn_jax.modeling.builder import build_model
   from maskrcnn_jax.training import data_source, initialization, optimizer, parallel
   from maskrcnn_jax.training.train_state import TrainState
@@ -66,13 +68,14 @@ def _dp_equivalence(spec):
   config = make_config(spec["cache_dir"], spec.get("overrides"))
   t = config.training
   n = jax.device_count()
-  model = build_model(config.model)
+  model = build_model(config.model, frozen_stages=t.frozen_stages)
   variables = initialization.random_variables(model, 0)
   tx = optimizer.make_optimizer(t, variables["params"])
   host_state = jax.device_get(TrainState.create(variables, tx, seed=3))
   builder = data_source.prepare_builder(config.data)
   batch = next(data_source.train_iterator(builder, config.data, n, 0, 0))
   # A nonzero step, so that the schedule, the momentum and the RNG all take part: 2 steps each.
+  from flax import traverse_util
   results = {}
   for name, devices in (("multi", jax.devices()), ("single", jax.devices()[:1])):
     mesh = parallel.make_mesh(devices)
@@ -83,11 +86,12 @@ def _dp_equivalence(spec):
     state = parallel.replicate(host_state, mesh)
     metrics = []
     for _ in range(2):
-      state, m = step(state, parallel.global_batch(batch, mesh))
+      state, m = step(state, parallel.global_batch(batch, mesh, model.batch_keys))
       metrics.append({k: float(v) for k, v in parallel.to_host(m).items()})
-    results[name] = (flat_params(state), metrics, len(devices))
+    stats = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(
+        parallel.to_host(state.batch_stats)).items()}
+    results[name] = (flat_params(state), metrics, len(devices), stats)
   p_multi, p_single = results["multi"][0], results["single"][0]
-  from flax import traverse_util
   p0 = {"/".join(k): np.asarray(v)
         for k, v in traverse_util.flatten_dict(jax.device_get(variables["params"])).items()}
   labels = {"/".join(k): v for k, v in traverse_util.flatten_dict(
@@ -99,6 +103,11 @@ def _dp_equivalence(spec):
     da, db = a - p0[k], b - p0[k]
     worst_update = max(worst_update, float(np.linalg.norm(da - db) /
                                            max(np.linalg.norm(db), 1e-12)))
+  s_multi, s_single = results["multi"][3], results["single"][3]
+  s0 = {"/".join(k): np.asarray(v)
+        for k, v in traverse_util.flatten_dict(jax.device_get(variables["batch_stats"])).items()}
+  worst_stats = max(float(np.max(np.abs(s_multi[k] - s_single[k]) /
+                                 np.maximum(np.abs(s_single[k]), 1e-3))) for k in s_single)
   frozen_changed = [k for k in p_multi
                     if labels[k] == optimizer.FROZEN and not np.array_equal(p_multi[k], p0[k])]
   with open(spec["out"] + ".json", "w") as f:
@@ -106,7 +115,10 @@ def _dp_equivalence(spec):
                    max_rel_param_diff=worst, max_rel_update_diff=worst_update,
                    metrics_multi=results["multi"][1], metrics_single=results["single"][1],
                    frozen_changed=frozen_changed,
-                   changed=[k for k in p_multi if not np.array_equal(p_multi[k], p0[k])]), f)
+                   changed=[k for k in p_multi if not np.array_equal(p_multi[k], p0[k])],
+                   max_rel_stats_diff=worst_stats,
+                   stats_changed=[k for k in s_single if not np.array_equal(s_single[k], s0[k])]),
+              f)
 
 
 def main():

@@ -1,0 +1,240 @@
+"""The RoI-head seam: a head defined here (outside the package) is registered, switched on from the
+config, trained (its loss is in the objective and moves its parameters) and predicts; build-time
+validation of types, keys and head dependencies; batch-statistics norms (v2-style heads) train."""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import tiny
+from maskrcnn_jax.modeling import builder
+from maskrcnn_jax.modeling.builder import build_model, register_roi_head
+from maskrcnn_jax.modeling.mask_rcnn import init_variables
+from maskrcnn_jax.modeling.poolers import RoIPooler
+from maskrcnn_jax.modeling.roi_heads import RoIHead
+from maskrcnn_jax.training import initialization, optimizer, parallel
+from maskrcnn_jax.training.train_state import TrainState
+
+
+class ToyHead(RoIHead):
+  """Predicts, for each RoI, the fraction of its box its ground-truth box covers (a made-up task):
+  a conv on its pooled features, global average, one output."""
+  batch_keys = ()
+  prediction_keys = ("toy_scores",)
+  loss_names = ("loss_toy",)
+  requires = ("mask_head",)
+
+  width: int = 8
+  pooler: RoIPooler = RoIPooler(output_size=7)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(self.width, (3, 3), padding=1, name="conv")(x))
+    return nn.Dense(1, name="out")(jnp.mean(x, axis=(-3, -2)))[..., 0]
+
+  def _scores(self, ctx, boxes):
+    pooled = ctx.pool(self.pooler, boxes)
+    b, n = pooled.shape[:2]
+    return self(pooled.reshape((b * n,) + pooled.shape[2:])).reshape(b, n)
+
+  def predict(self, ctx, detections):
+    # Reads the mask head's output, as a head consuming another head's results does.
+    assert "mask_head" in ctx.outputs and "masks" in detections
+    return dict(toy_scores=jax.nn.sigmoid(self._scores(ctx, detections["boxes"])))
+
+  def loss(self, ctx, samples, batch):
+    assert "loss_mask" in ctx.outputs["mask_head"]
+    gt = jax.vmap(lambda g, i: g[i])(batch["gt_boxes"], samples.gt_index)
+    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    lt = jnp.maximum(gt[..., :2], samples.rois[..., :2])
+    rb = jnp.minimum(gt[..., 2:], samples.rois[..., 2:])
+    inter = jnp.prod(jnp.clip(rb - lt, 0), axis=-1)
+    target = inter / jnp.maximum(area(samples.rois), 1e-6)
+    err = jnp.square(jax.nn.sigmoid(self._scores(ctx, samples.rois)) - target)
+    per_image = jnp.sum(jnp.where(samples.valid, err, 0), 1) / jnp.maximum(
+        jnp.sum(samples.valid, 1), 1)
+    return dict(loss_toy=jnp.mean(per_image))
+
+
+@pytest.fixture(scope="module")
+def toy_registered():
+  saved = dict(builder.ROI_HEADS), dict(builder.SAMPLERS)
+  register_roi_head("toy_head", "toy", ToyHead, pooler="box_pooler", sampler="mask_sampler")
+  yield
+  builder.ROI_HEADS.clear()
+  builder.ROI_HEADS.update(saved[0])
+  builder.SAMPLERS.clear()
+  builder.SAMPLERS.update(saved[1])
+
+
+def _config(**model):
+  c = tiny.get_config()
+  c.model.rpn.post_nms_topk_train = 64
+  c.model.roi_sampler.batch_size_per_image = 32
+  c.model.mask_sampler.num_rois = 8
+  for k, v in model.items():
+    c.model[k] = v
+  return c
+
+
+def _batch(n=2, size=64):
+  rng = np.random.default_rng(0)
+  boxes = np.zeros((n, 3, 4), np.float32)
+  boxes[:, 0] = [8, 10, 40, 44]
+  boxes[:, 1] = [30, 20, 60, 60]
+  valid = np.zeros((n, 3), bool)
+  valid[:, :2] = True
+  return dict(image=rng.normal(0, 1, (n, size, size, 3)).astype(np.float32),
+              image_size=np.full((n, 2), size, np.int32), gt_boxes=boxes,
+              gt_classes=np.where(valid, 1 + np.arange(3) % 3, 0).astype(np.int32),
+              gt_valid=valid, gt_masks=np.ones((n, 3, 28, 28), np.float32),
+              crowd_boxes=np.zeros((n, 1, 4), np.float32), crowd_valid=np.zeros((n, 1), bool))
+
+
+def _steps(model, batch, steps=2, frozen_stages=0):
+  """`steps` train steps on one device (the production step) -> (initial state, final state,
+  metrics per step)."""
+  training = tiny.get_config().training
+  training.frozen_stages = frozen_stages
+  training.clip_grad_norm = 0.0
+  variables = initialization.random_variables(model, 0)
+  tx = optimizer.make_optimizer(training, variables["params"])
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  step = parallel.make_parallel_step(
+      parallel.make_train_step(model, tx, optimizer.learning_rate_schedule(training)), mesh)
+  start = jax.device_get(TrainState.create(variables, tx, seed=1))
+  state = parallel.replicate(start, mesh)
+  metrics = []
+  for _ in range(steps):
+    state, m = step(state, parallel.global_batch(batch, mesh, model.batch_keys))
+    metrics.append({k: float(v) for k, v in parallel.to_host(m).items()})
+  return start, parallel.to_host(state), metrics
+
+
+def _flat(tree):
+  return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def _v2_norms(c):
+  """torchvision v2's norms on the tiny model: BatchNorm in the backbone, FPN and both heads."""
+  m = c.model
+  m.backbone.norm = "bn"
+  m.fpn.norm = "bn"
+  m.rpn.conv_depth = 2
+  m.box_head.conv_layers = (16, 16)
+  m.box_head.fc_layers = (32,)
+  m.box_head.norm = "bn"
+  m.mask_head.norm = "bn"
+  return c
+
+
+@pytest.fixture(scope="module")
+def trained_toy(toy_registered):
+  """The toy head switched on from the config, on a model with batch-statistics norms (one
+  compile serves the seam and the norms), trained 2 steps with the stem and layer1 frozen."""
+  c = _v2_norms(_config(toy_head=dict(type="toy", width=8)))
+  model = build_model(c.model, frozen_stages=1)
+  start, end, metrics = _steps(model, _batch(), steps=2, frozen_stages=1)
+  return model, start, end, metrics
+
+
+@pytest.mark.slow
+def test_registered_head_trains_and_predicts(trained_toy):
+  model, start, end, metrics = trained_toy
+  assert model.head_names == ("mask_head", "toy_head")
+  assert "loss_toy" in model.loss_names and "toy_scores" in model.prediction_keys
+  for m in metrics:
+    assert np.isfinite(m["loss_toy"]) and m["loss_toy"] > 0
+    parts = sum(v for k, v in m.items() if k.startswith("loss_"))
+    np.testing.assert_allclose(m["loss"], parts, rtol=1e-5)  # the objective counts loss_toy
+  before, after = _flat(start.params["toy_head"]), _flat(end.params["toy_head"])
+  assert sorted(before) == ["conv/bias", "conv/kernel", "out/bias", "out/kernel"]
+  assert all(not np.array_equal(before[k], after[k]) for k in before), "toy head did not train"
+  out = jax.jit(model.apply)({"params": end.params, "batch_stats": end.batch_stats},
+                             jnp.asarray(_batch()["image"]), jnp.full((2, 2), 64, jnp.int32),
+                             jnp.full((2, 2), 64, jnp.int32))
+  assert out["toy_scores"].shape == out["scores"].shape
+  assert np.all((out["toy_scores"] >= 0) & (out["toy_scores"] <= 1))
+
+
+@pytest.mark.slow
+def test_batch_statistics_norms_train(trained_toy):
+  """Batch-statistics BatchNorm (v2) trains: the running statistics of every BN layer move except
+  those of the frozen stem and layer1, whose parameters stay too."""
+  _, start, end, metrics = trained_toy
+  assert all(np.isfinite(v) for mt in metrics for v in mt.values())
+  before, after = _flat(start.batch_stats), _flat(end.batch_stats)
+  moved = {k for k in before if not np.array_equal(before[k], after[k])}
+  frozen = {k for k in before if k.startswith(("backbone/bn1/", "backbone/layer1_"))}
+  assert frozen and not frozen & moved
+  for prefix in ("backbone/layer2_0/bn1/", "fpn/inner_blocks_norm_0/", "box_head/norm1/",
+                 "mask_head/mask_norm1/"):
+    assert {prefix + "running_mean", prefix + "running_var"} <= moved, prefix
+  p0, p1 = _flat(start.params), _flat(end.params)
+  assert np.array_equal(p0["backbone/bn1/scale"], p1["backbone/bn1/scale"])
+  assert not np.array_equal(p0["box_head/norm1/scale"], p1["box_head/norm1/scale"])
+
+
+def test_loss_weights_scale_the_objective(toy_registered):
+  c = _config(toy_head=dict(type="toy"))
+  c.model.loss_weights.loss_toy = 3.0
+  model = build_model(c.model)
+  assert dict(model.loss_weights)["loss_toy"] == 3.0
+  losses = {"loss_toy": jnp.float32(2.0), "loss_mask": jnp.float32(1.0), "num_fg_rois": 7.0}
+  assert float(model.objective(losses)) == pytest.approx(7.0)
+  c.model.loss_weights.loss_bogus = 1.0
+  with pytest.raises(ValueError, match="loss_bogus"):
+    build_model(c.model)
+
+
+def test_head_needing_a_head_that_is_off(toy_registered):
+  c = _config(toy_head=dict(type="toy"))
+  c.model.mask_on = False
+  with pytest.raises(ValueError, match="toy_head.*mask_head"):
+    build_model(c.model)
+
+
+def test_build_time_validation(toy_registered):
+  c = _config(toy_head=dict(type="toy", widht=8))
+  with pytest.raises(ValueError, match="widht"):
+    build_model(c.model)
+  c = _config(toy_head=dict(type="toyy"))
+  with pytest.raises(ValueError, match=r"toy_head.type must be one of \['none', 'toy'\]"):
+    build_model(c.model)
+  c = _config()
+  c.model.mask_head.type = "mlp_typo"
+  with pytest.raises(ValueError, match="mask_head.type must be one of"):
+    build_model(c.model)
+  c = _config()
+  c.model.box_head.norm = "batchnorm"
+  with pytest.raises(ValueError, match="box_head.norm"):
+    build_model(c.model)
+  with pytest.raises(TypeError, match="predict"):
+    register_roi_head("bad_head", "x", nn.Dense)
+
+
+def test_mask_off_is_faster_rcnn():
+  for c in (_config(mask_on=False), _config()):
+    if c.model.mask_on:
+      c.model.mask_head.type = "none"
+    model = build_model(c.model)
+    assert model.head_names == () and model.eval_tasks == ("bbox",)
+    assert "gt_masks" not in model.batch_keys and "loss_mask" not in model.loss_names
+  variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+  assert "mask_head" not in variables["params"]
+
+
+def test_mask_head_num_rois_is_an_alias_of_the_mask_sampler():
+  c = _config()
+  c.model.mask_head.num_rois = 16
+  assert c.model.mask_sampler.num_rois == 16
+  assert build_model(c.model).roi_heads[0][2].num_rois == 16
+  plain = dict(c.model)
+  plain["mask_head"] = dict(c.model.mask_head, num_rois=4)  # a plain dict breaks the link
+  with pytest.raises(ValueError, match="alias"):
+    build_model(plain)
