@@ -27,6 +27,7 @@ def _write_config(path, cache, overrides=None, base="tests"):
     body = (f"  from configs import torchvision_r50_fpn\n"
             f"  c = torchvision_r50_fpn.get_config()\n"
             f"  c.data = make_config({cache!r}).data\n"
+            f"  c.input.min_size, c.input.max_size = 256, 320  # R50 at 800 px costs a minute\n"
             f"  return c\n")
   path.write_text("from tests.training.common import make_config\n\n\ndef get_config():\n" + body)
   return str(path)
@@ -246,7 +247,8 @@ def test_truncated_image_in_a_dataset_is_reported_and_skipped(trained, tmp_path)
 @pytest.mark.reference
 def test_converted_torchvision_weights_on_the_shapes_split(trained, tmp_path):
   """torchvision's R50-FPN (random init, 91 classes) converted and evaluated on the shapes val
-  split at torchvision's input size: it runs, writes the metrics, compiles once for all images."""
+  split (at 256 px): it runs, writes the metrics pycocotools computes, compiles once for all
+  images."""
   torch = pytest.importorskip("torch")
   torchvision = pytest.importorskip("torchvision")
   torch.manual_seed(0)
@@ -270,8 +272,7 @@ def test_converted_torchvision_weights_on_the_shapes_split(trained, tmp_path):
 @pytest.mark.slow
 def test_faster_rcnn_trains_and_evaluates_bbox_only(trained, tmp_path):
   """`train.py --config configs/tiny.py --config.model.mask_on=False` (Faster R-CNN) trains, and
-  eval.py writes metrics.json with bbox only, equal to pycocotools' own figures; predictions on
-  image files carry no masks."""
+  eval.py writes metrics.json with bbox only, equal to pycocotools' own figures."""
   data = [f"--config.data.cache_dir={trained['cache']}", "--config.data.shapes.num_train=16",
           "--config.data.shapes.num_val=4", "--config.data.shapes.seed=1",
           "--config.data.shapes.image_size=64", "--config.data.image_size=(64, 64)"]
@@ -290,8 +291,3 @@ def test_faster_rcnn_trains_and_evaluates_bbox_only(trained, tmp_path):
   _assert_metrics_equal_pycocotools(final, trained["cache"], ("bbox",))
   assert all("segmentation" not in rec
              for rec in json.load(open(os.path.join(final, "results.json"))))
-  Image.fromarray(np.full((64, 80, 3), 90, np.uint8)).save(tmp_path / "a.png")
-  _ok(_eval_py("--config", "configs/tiny.py", "--workdir", work, "--config.model.mask_on=False",
-               "--images", str(tmp_path / "a.png"), "--out_dir", str(tmp_path / "pred"), *data))
-  records = json.load(open(tmp_path / "pred" / "predictions.json"))
-  assert all("segmentation" not in rec for rec in records)

@@ -2,8 +2,6 @@
 results JSON and pictures, and the error cases."""
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
@@ -12,6 +10,7 @@ from configs import tiny
 from maskrcnn_jax.data import generate_shapes, prepare_coco_format
 from maskrcnn_jax.evaluation import evaluator, inference
 from maskrcnn_jax.modeling import build_model
+from tests.conftest import quick_variables
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +97,7 @@ def test_real_model_runs_without_recompiling_per_image(shapes):
   builder, _ = shapes
   cfg = tiny.get_config()
   model = build_model(cfg.model)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 96, 96, 3)), jnp.array([[96, 96]]),
-                         jnp.array([[96, 96]]))
+  variables = quick_variables(model)
   before = inference.TRACE_COUNTS["forward"]
   summary = evaluator.evaluate_split(model, variables, builder, "validation", min_size=96,
                                      max_size=96, batch_size=2, verbose=False)

@@ -1,6 +1,4 @@
 """predict(): static shapes (one trace per bucket), input checks, output frame."""
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -8,14 +6,14 @@ import maskrcnn_jax
 from configs import tiny
 from maskrcnn_jax.evaluation import inference
 from maskrcnn_jax.modeling import build_model
+from tests.conftest import quick_variables
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
   cfg = tiny.get_config()
   model = build_model(cfg.model)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 128, 128, 3)),
-                         jnp.array([[128, 128]]), jnp.array([[128, 128]]))
+  variables = quick_variables(model)
   return model, variables, cfg.input
 
 

@@ -16,8 +16,9 @@ from maskrcnn_jax.modeling.builder import build_model, register_roi_head
 from maskrcnn_jax.modeling.mask_rcnn import init_variables
 from maskrcnn_jax.modeling.poolers import RoIPooler
 from maskrcnn_jax.modeling.roi_heads import RoIHead
-from maskrcnn_jax.training import initialization, optimizer, parallel
+from maskrcnn_jax.training import optimizer, parallel
 from maskrcnn_jax.training.train_state import TrainState
+from tests.conftest import quick_variables
 
 
 class ToyHead(RoIHead):
@@ -102,7 +103,7 @@ def _steps(model, batch, steps=2, frozen_stages=0):
   training = tiny.get_config().training
   training.frozen_stages = frozen_stages
   training.clip_grad_norm = 0.0
-  variables = initialization.random_variables(model, 0)
+  variables = quick_variables(model)
   tx = optimizer.make_optimizer(training, variables["params"])
   mesh = parallel.make_mesh(jax.devices()[:1])
   step = parallel.make_parallel_step(

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 from maskrcnn_jax.ops.masks import project_mask_crops
-from maskrcnn_jax.training import initialization
-from tests.conftest import torch_or_skip
+from tests.conftest import quick_variables, torch_or_skip
 
 CROP = 112
 OUT = 28
@@ -219,7 +218,7 @@ def _tiny_model_and_batch():
   masks[0, :3] = ((yy - 56) ** 2 + (xx - 56) ** 2 < 50 ** 2)  # discs filling their boxes
   names = ("image", "image_size", "gt_boxes", "gt_classes", "gt_valid", "gt_masks")
   batch = {k: jnp.asarray(x) for k, x in zip(names, (images, sizes, boxes, classes, valid, masks))}
-  variables = initialization.random_variables(model, 0)
+  variables = quick_variables(model)
   return model, variables, batch
 
 

@@ -2,8 +2,8 @@
 and ResNet-101 FPN backbones, converted by `from_torchvision(state_dict)` alone.
 
 Random-init weights with BatchNorm statistics randomized (`tv_models.build_torchvision`), one real
-photo per model, torchvision one image per call. In the suite both sides run at a short side of 480
-(long side <= 800) with 300 proposals, so that six models fit in minutes; the full-size figures
+photo per model, torchvision one image per call. In the suite both sides run at a short side of 320
+(long side <= 512) with 300 proposals, so that six models fit in minutes; the full-size figures
 (800 px, 1000 proposals, three photos) come from `benchmarks/bench_family.py`. Printed with -s.
 Asserted in exact and bucketed padding: >= 99% of torchvision's detections matched (same label, box
 IoU >= 0.99, |score difference| <= 1e-3) and >= 99% of matched masks at binarized IoU >= 0.98.
@@ -17,7 +17,7 @@ from tests.reference import tv_models
 
 pytestmark = [pytest.mark.reference, pytest.mark.slow]
 
-MIN_SIZE, MAX_SIZE, PROPOSALS = 480, 800, 300
+MIN_SIZE, MAX_SIZE, PROPOSALS = 320, 512, 300
 CASES = [  # (torchvision model, ResNet depth, photo, seed)
     ("maskrcnn", 50, "coffee", 0),
     ("maskrcnn", 101, "astronaut", 1),
