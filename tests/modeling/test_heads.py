@@ -239,3 +239,18 @@ def test_mask_head_num_rois_is_an_alias_of_the_mask_sampler():
   plain["mask_head"] = dict(c.model.mask_head, num_rois=4)  # a plain dict breaks the link
   with pytest.raises(ValueError, match="alias"):
     build_model(plain)
+
+
+def test_converter_reports_parts_without_a_torchvision_counterpart(toy_registered):
+  """A head torchvision does not have is named by the converter, not a KeyError: the strict form
+  refuses it in its error, the lenient one leaves it to the caller's initialization."""
+  from maskrcnn_jax.convert.torchvision import convert_matching, variables_from_state_dict
+  model = build_model(_config(toy_head=dict(type="toy")).model)
+  _, report = convert_matching(model, {})
+  assert sorted(report["no_counterpart"]) == ["params/toy_head/conv/bias",
+                                              "params/toy_head/conv/kernel",
+                                              "params/toy_head/out/bias",
+                                              "params/toy_head/out/kernel"]
+  assert any(k.startswith("roi_heads.mask_predictor.") for k in report["missing"])
+  with pytest.raises(ValueError, match=r"no torchvision counterpart \(4\): params/toy_head"):
+    variables_from_state_dict(model, {})

@@ -330,3 +330,16 @@ def test_extents_equal_pooling_the_cropped_maps():
     np.testing.assert_allclose(got[b], ref[0], atol=1e-6)
   with pytest.raises(ValueError, match="extents"):
     multilevel_roi_align_batched(feats, boxes, 7, scales, extents=ext[:, :2])
+
+
+def test_ops_package_exports_the_functions():
+  """`from maskrcnn_jax.ops import roi_align` gives the function, as torchvision.ops does, and the
+  modules stay importable by name."""
+  import maskrcnn_jax.ops as ops
+  from maskrcnn_jax.ops import batched_nms, nms, roi_align as exported
+  from maskrcnn_jax.ops.nms import nms as nms_from_module
+  from maskrcnn_jax.ops.roi_align import roi_align as from_module
+  assert exported is from_module and callable(exported)
+  assert nms is nms_from_module and callable(batched_nms)
+  for name in ops.__all__:
+    assert callable(getattr(ops, name)), name
