@@ -109,28 +109,22 @@ def _section(cfg: Mapping[str, Any], section: str, classes, fixed: Mapping[str, 
   (type or None, class or None, kwargs)."""
   fixed = dict(fixed)
   values = dict(cfg.get(section) or {})
-  aliases = ALIASES.get(section, {})
-  for alias, (target, key) in aliases.items():
-    if alias in values:
-      value = values.pop(alias)
-      target_value = dict(cfg.get(target) or {}).get(key, value)
-      if _frozen(value) != _frozen(target_value):
-        raise ValueError(f"config.model.{section}.{alias}={value!r} is an alias of "
-                         f"{target}.{key}={target_value!r}: set one of them")
+  aliases = set(ALIASES.get(section, {}))
+  for alias in aliases:
+    values.pop(alias, None)  # `_resolve_aliases` moved it to its target
   if isinstance(classes, Mapping):
     # A RoI head whose section is absent is off; another section defaults to its first type.
     default = OFF if section in ROI_HEADS else next(iter(classes))
     type_name = values.pop("type", default)
+    known = sorted(list(classes) + ([OFF] if section in ROI_HEADS else []))
     union = set().union(*(_fields(c) for c in classes.values())) - set(fixed) - {"type"}
     unknown = set(values) - union
     if unknown:
       raise ValueError(f"config.model.{section} has unknown keys {sorted(unknown)}; its types "
-                       f"{sorted(list(classes) + ([OFF] if section in ROI_HEADS else []))} take "
-                       f"{sorted(union | {'type'} | set(aliases))}")
+                       f"{known} take {sorted(union | {'type'} | aliases)}")
     if type_name == OFF and section in ROI_HEADS:
       return OFF, None, {}
     if type_name not in classes:
-      known = sorted(list(classes) + ([OFF] if section in ROI_HEADS else []))
       raise ValueError(f"config.model.{section}.type must be one of {known}, got {type_name!r}")
     cls = classes[type_name]
     kwargs = {k: _frozen(v) for k, v in values.items() if k in _fields(cls)}
@@ -140,10 +134,28 @@ def _section(cfg: Mapping[str, Any], section: str, classes, fixed: Mapping[str, 
     unknown = set(values) - allowed
     if unknown:
       raise ValueError(f"config.model.{section} has unknown keys {sorted(unknown)}; "
-                       f"{cls.__name__} takes {sorted(allowed | set(aliases))}")
+                       f"{cls.__name__} takes {sorted(allowed | aliases)}")
     kwargs = {k: _frozen(v) for k, v in values.items()}
   kwargs.update({k: v for k, v in fixed.items() if k in _fields(cls)})
   return type_name, cls, kwargs
+
+
+def _resolve_aliases(cfg: Dict[str, Any]) -> Dict[str, Any]:
+  """Moves each alias key's value to the key it stands for (`ALIASES`); the two set to different
+  values is an error (a ConfigDict keeps them in step, a plain dict may not)."""
+  cfg = dict(cfg)
+  for section, aliases in ALIASES.items():
+    values = dict(cfg.get(section) or {})
+    for alias, (target, key) in aliases.items():
+      if alias not in values:
+        continue
+      target_values = dict(cfg.get(target) or {})
+      if key in target_values and _frozen(target_values[key]) != _frozen(values[alias]):
+        raise ValueError(f"config.model.{section}.{alias}={values[alias]!r} is an alias of "
+                         f"{target}.{key}={target_values[key]!r}: set one of them")
+      target_values[key] = values[alias]
+      cfg[target] = target_values
+  return cfg
 
 
 def _make(section: str, cls, kwargs):
@@ -170,7 +182,7 @@ def build_model(model_cfg: Mapping[str, Any], *, frozen_stages: int = 0) -> Mask
   Raises:
     ValueError naming the section and key of anything that cannot be built.
   """
-  cfg = dict(model_cfg)
+  cfg = _resolve_aliases(dict(model_cfg))
   top = {"num_classes", "mask_on", "dtype", "loss_weights"}
   unknown = set(cfg) - top - set(known_sections())
   if unknown:

@@ -239,6 +239,8 @@ def test_mask_head_num_rois_is_an_alias_of_the_mask_sampler():
   plain["mask_head"] = dict(c.model.mask_head, num_rois=4)  # a plain dict breaks the link
   with pytest.raises(ValueError, match="alias"):
     build_model(plain)
+  plain["mask_sampler"] = {}  # the alias alone sets the sampler
+  assert build_model(plain).roi_heads[0][2].num_rois == 4
 
 
 def test_converter_reports_parts_without_a_torchvision_counterpart(toy_registered):
