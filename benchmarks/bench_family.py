@@ -10,7 +10,8 @@ and default bucketed padding. Prints one markdown row per model and mode: detect
 masks with binarized IoU >= 0.98, and the median time per image of each side.
 
 Usage: python benchmarks/bench_family.py [--models maskrcnn_v2-50,fasterrcnn-101] [--photos coffee]
-(the suite's `tests/reference/test_family_vs_torchvision.py` runs the same check at 480 px).
+(the suite's `tests/reference/test_family_vs_torchvision.py` runs the same check at a short side
+of 320 with 300 proposals).
 """
 import argparse
 import os

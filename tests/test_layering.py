@@ -18,13 +18,31 @@ THIRD_PARTY_FORBIDDEN = {"ops": {"flax"}, "data": {"jax", "flax", "optax", "orba
 
 
 def _imports(path):
+  """Every module `path` imports, absolute: relative imports resolved against its package, and
+  `from a import b` also yields `a.b` (b may be a subpackage, as in `from maskrcnn_jax import
+  training`)."""
   tree = ast.parse(path.read_text(), filename=str(path))
+  package = list(path.relative_to(PKG.parent).parent.parts)
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
       for a in node.names:
         yield a.name
-    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-      yield node.module
+    elif isinstance(node, ast.ImportFrom):
+      base = package[:len(package) - (node.level - 1)] if node.level else []
+      module = ".".join(base + ([node.module] if node.module else []))
+      if module:
+        yield module
+      for a in node.names:
+        yield f"{module}.{a.name}" if module else a.name
+
+
+def test_relative_and_from_imports_are_seen(monkeypatch):
+  f = PKG / "modeling" / "x.py"
+  monkeypatch.setattr(pathlib.Path, "read_text", lambda self: (
+      "from ..training import trainer\nfrom maskrcnn_jax import evaluation\nfrom . import rpn\n"))
+  found = set(_imports(f))
+  assert {"maskrcnn_jax.training.trainer", "maskrcnn_jax.evaluation",
+          "maskrcnn_jax.modeling.rpn"} <= found
 
 
 @pytest.mark.parametrize("sub", sorted(FORBIDDEN))

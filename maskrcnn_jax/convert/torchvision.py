@@ -69,10 +69,11 @@ def torch_names(collection: str, path: Tuple[str, ...],
     return [f"backbone.fpn.{kind}.{i}.0.{tleaf}", f"backbone.fpn.{kind}.{i}.{tleaf}"], layout
   if top == "rpn":
     name = mid[1]
-    m = re.fullmatch(r"conv_(\d+)", name)
+    m = re.fullmatch(r"conv(?:_(\d+))?", name)  # conv, conv_1, ...: the head's 3x3 convs
     if m:
-      old = [f"rpn.head.conv.{tleaf}"] if m[1] == "0" else []
-      return [f"rpn.head.conv.{m[1]}.0.{tleaf}"] + old, layout
+      i = m[1] or "0"
+      old = [f"rpn.head.conv.{tleaf}"] if i == "0" else []
+      return [f"rpn.head.conv.{i}.0.{tleaf}"] + old, layout
     return [f"rpn.head.{name}.{tleaf}"], layout
   if top == "box_head":
     name = mid[0]

@@ -59,6 +59,16 @@ def to_coco_results(image_id: int, result: Mapping[str, np.ndarray],
   return out
 
 
+IOU_TYPES = ("bbox", "segm")
+
+
+def check_tasks(tasks: Iterable[str]) -> None:
+  """Raises ValueError unless every task (a model's `eval_tasks`) is one this module scores."""
+  bad = [t for t in tasks if t not in IOU_TYPES]
+  if bad:
+    raise ValueError(f"COCO evaluation scores {IOU_TYPES}; the model's heads ask for {bad}")
+
+
 def evaluate(gt: Any, results: Sequence[Mapping[str, Any]],
              iou_types: Iterable[str] = ("bbox", "segm"),
              image_ids: Optional[Sequence[int]] = None, verbose: bool = True) -> Dict[str, Any]:
@@ -83,10 +93,10 @@ def evaluate(gt: Any, results: Sequence[Mapping[str, Any]],
   if unknown:
     raise ValueError(f"{len(unknown)} result image ids are not in the ground truth, e.g. "
                      f"{sorted(unknown)[:5]}")
+  iou_types = tuple(iou_types)
+  check_tasks(iou_types)
   summary: Dict[str, Any] = {}
   for iou_type in iou_types:
-    if iou_type not in ("bbox", "segm"):
-      raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
     recs = [r for r in results if iou_type == "bbox" or "segmentation" in r]
     if iou_type == "segm" and results and not recs:
       raise ValueError("segm evaluation needs results with 'segmentation' (masks)")

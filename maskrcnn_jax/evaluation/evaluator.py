@@ -74,6 +74,7 @@ def evaluate_split(model, variables, builder, split: str, *, min_size: int, max_
 
   Raises:
     SplitError: an unknown or empty split, or one whose images all fail to decode.
+    ValueError: the model predicts something COCO evaluation does not score (`model.eval_tasks`).
   """
   try:
     num = builder.info.splits[split].num_examples
@@ -82,6 +83,7 @@ def evaluate_split(model, variables, builder, split: str, *, min_size: int, max_
                      f"{sorted(builder.info.splits)}): {err}") from None
   if num == 0:
     raise SplitError(f"split {split!r} has no images to evaluate")
+  coco_eval.check_tasks(model.eval_tasks)
   if label_to_category is None or class_names is None:
     l2c, names = load_label_map(builder)
     label_to_category = label_to_category if label_to_category is not None else l2c
@@ -148,6 +150,8 @@ def evaluate_split(model, variables, builder, split: str, *, min_size: int, max_
 def make_training_evaluator(config, max_images: Optional[int] = None, num_pictures: int = 4):
   """The `evaluate` callback of `training.trainer.train_and_evaluate`: the same evaluation as
   eval.py on `config.data.eval_split`, written to WORKDIR/eval/step_<N>; returns AP figures."""
+  from maskrcnn_jax.modeling.builder import build_model
+  coco_eval.check_tasks(build_model(config.model).eval_tasks)  # before training, not after
   inp = config.input
   split = config.data.get("eval_split", "validation")
 

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from maskrcnn_jax.evaluation.coco_eval import encode_mask
+from maskrcnn_jax.evaluation.coco_eval import to_coco_results
 from maskrcnn_jax.evaluation.inference import predict
 from maskrcnn_jax.evaluation.visualize import draw_predictions
 
@@ -79,13 +79,8 @@ def export_predictions(model, variables, images: Sequence[np.ndarray], names: Se
   results = predict(model, variables, list(images), **predict_kwargs)
   records = []
   for i, (image, name, res) in enumerate(zip(images, names, results)):
-    for r in range(len(res["scores"])):
-      x1, y1, x2, y2 = (float(v) for v in res["boxes"][r])
-      rec = dict(file_name=name, image_id=i, category_id=int(res["labels"][r]),
-                 bbox=[x1, y1, x2 - x1, y2 - y1], score=float(res["scores"][r]))
-      if "masks" in res:
-        rec["segmentation"] = encode_mask(res["masks"][r] > mask_threshold)
-      records.append(rec)
+    records += [dict(file_name=name, **rec) for rec in
+                to_coco_results(i, res, mask_threshold=mask_threshold)]
     pic = draw_predictions(image, res, class_names, score_threshold=score_threshold)
     pic.save(os.path.join(out_dir, os.path.splitext(os.path.basename(name))[0] + "_pred.png"))
   with open(os.path.join(out_dir, "predictions.json"), "w") as f:

@@ -75,7 +75,7 @@ def predict(model, variables, images: List[np.ndarray], exact_padding: bool = Fa
   Returns:
     Per image a dict: boxes [N, 4] float32 (x1, y1, x2, y2) original pixels, scores [N] float32
     (descending), labels [N] int64, and masks [N, H, W] float32 probabilities in the original frame
-    (when the model has a mask head).
+    (when the model has a mask head); other heads' `prediction_keys` as [N, ...] arrays.
   """
   _check_images(images)
   if bucket % 32:
@@ -110,6 +110,10 @@ def predict(model, variables, images: List[np.ndarray], exact_padding: bool = Fa
   return results
 
 
+# Detection entries converted (or dropped: proposals) by `_to_original_frame`.
+_CONVERTED = ("valid", "boxes", "scores", "labels", "masks", "proposals", "proposal_valid")
+
+
 def _to_original_frame(det: Dict[str, np.ndarray], p: Dict[str, Any], bucket: int,
                        mask_threshold) -> Dict[str, np.ndarray]:
   valid = det["valid"]
@@ -133,4 +137,9 @@ def _to_original_frame(det: Dict[str, np.ndarray], p: Dict[str, Any], bucket: in
       m[:k], b[:k] = small[s:s + k], boxes[s:s + k]
       full[s:s + k] = np.asarray(_paste(m, b, ch, cw))[:k, :h0, :w0]
     res["masks"] = full > mask_threshold if mask_threshold is not None else full
+  # Other heads' per-detection predictions ([D, ...], no image coordinates) pass through; a head
+  # whose output is in image pixels needs its own conversion here, as masks have.
+  for k, v in det.items():
+    if k not in _CONVERTED:
+      res[k] = v[valid]
   return res

@@ -33,7 +33,7 @@ from maskrcnn_jax.modeling.mask_rcnn import BOX_LOSSES, MaskRCNN
 from maskrcnn_jax.modeling.poolers import RoIPooler
 from maskrcnn_jax.modeling.resnet import ResNet
 from maskrcnn_jax.modeling.roi_heads import BoxHead, Postprocess
-from maskrcnn_jax.modeling.rpn import RPN
+from maskrcnn_jax.modeling.rpn import PYRAMID_LEVELS, RPN
 from maskrcnn_jax.modeling.samplers import AnchorSampler, ForegroundSampler, RoISampler
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -79,17 +79,22 @@ def register_roi_head(section: str, type_name: str, cls: type, *, pooler: Option
       raise TypeError(f"{cls.__name__} needs a {method}(...) method to be a RoI head")
   if type_name == OFF:
     raise ValueError(f"'{OFF}' is reserved for turning a head off")
-  if sampler is not None and sampler not in SAMPLERS:
-    if sampler_cls is None:
+  if pooler is not None and not pooler.endswith("_pooler"):
+    raise ValueError(f"pooler sections are named '<name>_pooler', got {pooler!r}")
+  if sampler is not None:
+    if sampler not in SAMPLERS and sampler_cls is None:
       raise ValueError(f"unknown sampler section {sampler!r}: pass sampler_cls")
-    SAMPLERS[sampler] = sampler_cls
+    if sampler in SAMPLERS and sampler_cls not in (None, SAMPLERS[sampler]):
+      raise ValueError(f"sampler section {sampler!r} already holds {SAMPLERS[sampler].__name__}")
   entry = ROI_HEADS.get(section)
+  if entry is not None and (pooler, sampler) != (entry.pooler, entry.sampler):
+    raise ValueError(f"{section} uses pooler {entry.pooler!r} and sampler {entry.sampler!r}")
+  if sampler is not None:
+    SAMPLERS.setdefault(sampler, sampler_cls)
   if entry is None:
     ROI_HEADS[section] = HeadEntry({type_name: cls}, pooler=pooler, sampler=sampler)
-    return
-  if (pooler, sampler) != (entry.pooler, entry.sampler):
-    raise ValueError(f"{section} uses pooler {entry.pooler!r} and sampler {entry.sampler!r}")
-  entry.types[type_name] = cls
+  else:
+    entry.types[type_name] = cls
 
 
 def _frozen(v):
@@ -206,6 +211,18 @@ def build_model(model_cfg: Mapping[str, Any], *, frozen_stages: int = 0) -> Mask
   backbone = _make("backbone", backbone_cls, kwargs)
   samplers = {name: single(name, cls) for name, cls in SAMPLERS.items()}
   poolers = {name: single(name, RoIPooler) for name in known_sections() if name.endswith("_pooler")}
+  for name, pooler in poolers.items():
+    if not set(pooler.levels) <= set(PYRAMID_LEVELS):
+      raise ValueError(f"config.model.{name}.levels={pooler.levels}: the backbone gives levels "
+                       f"{PYRAMID_LEVELS}")
+  rpn = single("rpn", RPN)
+  if len(rpn.anchor_sizes) != len(PYRAMID_LEVELS):
+    raise ValueError(f"config.model.rpn.anchor_sizes has {len(rpn.anchor_sizes)} levels; the "
+                     f"backbone gives {len(PYRAMID_LEVELS)} (P{PYRAMID_LEVELS[0]}.."
+                     f"P{PYRAMID_LEVELS[-1]})")
+  if len({len(s) for s in rpn.anchor_sizes}) != 1:
+    raise ValueError("config.model.rpn.anchor_sizes: every level needs the same number of sizes "
+                     f"(anchors per location), got {rpn.anchor_sizes}")
 
   heads, enabled = [], {}
   for section, entry in ROI_HEADS.items():
@@ -218,18 +235,30 @@ def build_model(model_cfg: Mapping[str, Any], *, frozen_stages: int = 0) -> Mask
     enabled[section] = type_name
     heads.append((section, _make(section, cls, kwargs),
                   samplers[entry.sampler] if entry.sampler else None))
+  order = [section for section, _, _ in heads]
+  losses = {name: "the box head" for name in BOX_LOSSES}
   for section, head, _ in heads:
     for need in getattr(head, "requires", ()):
       if need not in enabled:
         raise ValueError(f"config.model.{section}.type={enabled[section]!r} needs {need}, "
                          f"which is off ({need}.type='{OFF}'" +
                          (" or mask_on=False)" if need == "mask_head" else ")"))
+      if order.index(need) > order.index(section):
+        raise ValueError(f"{section} reads {need}, which runs after it: register {need} first")
+    for name in getattr(head, "loss_names", ()):
+      if not name.startswith("loss_"):
+        raise ValueError(f"{type(head).__name__}.loss_names: {name!r} must start with 'loss_' "
+                         "(the objective sums the loss_* entries)")
+      if name in losses:
+        raise ValueError(f"{section} and {losses[name]} both return {name!r}")
+      losses[name] = section
 
   roi = samplers["roi_sampler"]
   for section, _, sampler in heads:
-    if isinstance(sampler, ForegroundSampler) and sampler.num_rois > roi.batch_size_per_image:
-      raise ValueError(f"{ROI_HEADS[section].sampler}.num_rois={sampler.num_rois} exceeds "
-                       f"roi_sampler.batch_size_per_image={roi.batch_size_per_image}")
+    if isinstance(sampler, ForegroundSampler) and sampler.num_rois > roi.max_positives:
+      raise ValueError(f"{ROI_HEADS[section].sampler}.num_rois={sampler.num_rois} exceeds the "
+                       f"{roi.max_positives} foreground RoIs roi_sampler samples at most "
+                       "(batch_size_per_image * positive_fraction): slots beyond are never used")
 
   known_losses = set(BOX_LOSSES) | {n for e in ROI_HEADS.values() for c in e.types.values()
                                     for n in getattr(c, "loss_names", ())}
@@ -243,7 +272,7 @@ def build_model(model_cfg: Mapping[str, Any], *, frozen_stages: int = 0) -> Mask
       raise ValueError(f"config.model.loss_weights.{name} must be >= 0, got {w}")
 
   return MaskRCNN(
-      num_classes=k, backbone=backbone, fpn=single("fpn", FPN), rpn=single("rpn", RPN),
+      num_classes=k, backbone=backbone, fpn=single("fpn", FPN), rpn=rpn,
       box_pooler=poolers["box_pooler"], box_head=single("box_head", BoxHead),
       postprocess=single("postprocess", Postprocess),
       rpn_sampler=samplers["rpn_sampler"], roi_sampler=roi, roi_heads=tuple(heads),

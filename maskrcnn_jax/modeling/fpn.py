@@ -18,7 +18,7 @@ class FPN(nn.Module):
   """Compute dtype."""
 
   def __post_init__(self):
-    check_norm(self.norm, "fpn.norm")
+    check_norm(self.norm, "fpn.norm", [self.channels])
     super().__post_init__()
 
   @nn.compact

@@ -1,5 +1,5 @@
 """Small building blocks shared by the backbone and heads."""
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -36,10 +36,20 @@ NORM_TYPES = ("none", "frozen_bn", "bn", "bn_frozen_stats", "gn")
 GROUPS = 32
 
 
-def check_norm(kind: str, where: str) -> None:
-  """Raises ValueError unless `kind` is one of NORM_TYPES (`where` names the config key)."""
+def check_norm(kind: str, where: str, widths: Sequence[int] = ()) -> None:
+  """Raises ValueError unless `kind` is one of NORM_TYPES (`where` names the config key) and, for
+  'gn', every channel count in `widths` divides into `GROUPS` groups."""
   if kind not in NORM_TYPES:
     raise ValueError(f"{where} must be one of {NORM_TYPES}, got {kind!r}")
+  odd = [int(w) for w in widths if int(w) % GROUPS]
+  if kind == "gn" and odd:
+    raise ValueError(f"{where}='gn' needs channels divisible by {GROUPS}; got {odd}")
+
+
+def frozen(kind: str, is_frozen: bool) -> str:
+  """The norm kind of a layer whose statistics are frozen (`training.frozen_stages`): 'bn' keeps
+  its running statistics ('bn_frozen_stats'); the other kinds are unchanged."""
+  return "bn_frozen_stats" if kind == "bn" and is_frozen else kind
 
 
 class Norm(nn.Module):
@@ -54,8 +64,6 @@ class Norm(nn.Module):
   """Added to the variance (torchvision's default; its published v1 COCO weights use 0)."""
   momentum: float = 0.1
   """bn: running = (1 - momentum) * running + momentum * batch (torch's convention)."""
-  frozen_stats: bool = False
-  """bn: use (and keep) the running statistics in training too, as bn_frozen_stats does."""
   dtype: Dtype = jnp.float32
   """Compute dtype of the output."""
 
@@ -92,7 +100,7 @@ class Norm(nn.Module):
       check_norm(self.kind, "norm")
     mean_v = self.variable("batch_stats", "running_mean", lambda: jnp.zeros((c,), f32))
     var_v = self.variable("batch_stats", "running_var", lambda: jnp.ones((c,), f32))
-    batch_stats = (train and self.kind == "bn" and not self.frozen_stats)
+    batch_stats = train and self.kind == "bn"
     if not batch_stats:
       # y = x * scale + shift, as FrozenBatchNorm2d computes it (BatchNorm2d in eval mode too, up
       # to float rounding).

@@ -34,7 +34,7 @@ class MaskHead(RoIHead):
   dtype: Any = jnp.float32
 
   def __post_init__(self):
-    check_norm(self.norm, "mask_head.norm")
+    check_norm(self.norm, "mask_head.norm", self.layers)
     if not self.layers:
       raise ValueError("mask_head.layers needs at least one conv")
     super().__post_init__()

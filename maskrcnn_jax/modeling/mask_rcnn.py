@@ -213,11 +213,12 @@ class MaskRCNN(nn.Module):
     for name, head, sampler in self.roi_heads:
       head_samples = samples if sampler is None else jax.vmap(sampler)(samples)
       head_out = getattr(self, name).loss(ctx, head_samples, batch)
-      missing = [k for k in head.loss_names if k not in head_out]
-      if missing:
-        raise ValueError(f"{name}.loss returned no {missing}")
+      returned = {k for k in head_out if k.startswith("loss_")}
+      if returned != set(head.loss_names):
+        raise ValueError(f"{name}.loss returned the losses {sorted(returned)}; its loss_names "
+                         f"are {sorted(head.loss_names)}")
       ctx.outputs[name] = head_out
-      out.update({k: v for k, v in head_out.items() if k.startswith("loss_")})
+      out.update({k: head_out[k] for k in head.loss_names})
     return out
 
 

@@ -4,7 +4,7 @@ from typing import Any, Dict, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from maskrcnn_jax.modeling.layers import Norm, check_norm, conv, mask_to_extent
+from maskrcnn_jax.modeling.layers import Norm, check_norm, conv, frozen, mask_to_extent
 
 _STAGES = {18: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
@@ -15,7 +15,6 @@ class Bottleneck(nn.Module):
   stride: int
   norm: str = "frozen_bn"
   norm_eps: float = 1e-5
-  frozen_stats: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -26,8 +25,7 @@ class Bottleneck(nn.Module):
     bias = self.norm == "none"
 
     def norm(name, y):
-      return Norm(self.norm, self.norm_eps, frozen_stats=self.frozen_stats, dtype=self.dtype,
-                  name=name)(y, train, axis_name)
+      return Norm(self.norm, self.norm_eps, dtype=self.dtype, name=name)(y, train, axis_name)
     y = conv(self.width, 1, use_bias=bias, dtype=self.dtype, name="conv1")(x)
     y = nn.relu(norm("bn1", y))
     y = mask_to_extent(y, sizes, level)
@@ -64,7 +62,7 @@ class ResNet(nn.Module):
   def __post_init__(self):
     if self.depth not in _STAGES:
       raise ValueError(f"backbone depth must be one of {sorted(_STAGES)}, got {self.depth}")
-    check_norm(self.norm, "backbone.norm")
+    check_norm(self.norm, "backbone.norm", [self.width_per_group * 2 ** s for s in range(4)])
     super().__post_init__()
 
   @property
@@ -81,7 +79,7 @@ class ResNet(nn.Module):
     bias = self.norm == "none"
     x = conv(self.width_per_group, 7, 2, 3, use_bias=bias, dtype=self.dtype, name="conv1")(
         x.astype(self.dtype))
-    x = Norm(self.norm, self.norm_eps, frozen_stats=self.frozen_stages >= 1, dtype=self.dtype,
+    x = Norm(frozen(self.norm, self.frozen_stages >= 1), self.norm_eps, dtype=self.dtype,
              name="bn1")(x, train, axis_name)
     x = nn.relu(x)
     x = mask_to_extent(x, sizes, 1)  # post-ReLU, so zeros act as the pool's -inf padding
@@ -92,8 +90,8 @@ class ResNet(nn.Module):
       for i in range(n):
         stride = 2 if (i == 0 and stage > 0) else 1
         level = 2 + stage - (1 if stride == 2 else 0)
-        x = Bottleneck(width, stride, self.norm, self.norm_eps,
-                       frozen_stats=stage + 1 <= self.frozen_stages, dtype=self.dtype,
-                       name=f"layer{stage + 1}_{i}")(x, sizes, level, train, axis_name)
+        x = Bottleneck(width, stride, frozen(self.norm, stage + 1 <= self.frozen_stages),
+                       self.norm_eps, dtype=self.dtype, name=f"layer{stage + 1}_{i}")(
+                           x, sizes, level, train, axis_name)
       out[f"c{stage + 2}"] = x
     return out

@@ -66,16 +66,17 @@ class RoIHead(nn.Module):
   evaluation.
   """
   requires: ClassVar[Tuple[str, ...]] = ()
-  """Config sections of other heads this one reads (they must be on; a build-time error names
-  both otherwise)."""
+  """Config sections of other heads this one reads (they must be on and run before it; a
+  build-time error names both otherwise)."""
   batch_keys: ClassVar[Tuple[str, ...]] = ()
   """Batch entries `loss` reads beyond images, sizes and boxes (e.g. 'gt_masks')."""
   prediction_keys: ClassVar[Tuple[str, ...]] = ()
   """Keys `predict` adds to the detections (and to `predict`'s results, e.g. 'masks')."""
   loss_names: ClassVar[Tuple[str, ...]] = ()
-  """The `loss_*` keys `loss` returns."""
+  """The `loss_*` keys `loss` returns: exactly these (checked), each named by no other head."""
   eval_task: ClassVar[Optional[str]] = None
-  """The COCO evaluation its predictions feed ('segm', 'keypoints'), or None."""
+  """The COCO evaluation its predictions feed (e.g. 'segm'; one of
+  `evaluation.coco_eval.IOU_TYPES`), or None."""
 
 
 BOX_HEAD_TYPES = ("conv_fc",)
@@ -103,7 +104,7 @@ class BoxHead(nn.Module):
   def __post_init__(self):
     if self.type not in BOX_HEAD_TYPES:
       raise ValueError(f"box_head.type must be one of {BOX_HEAD_TYPES}, got {self.type!r}")
-    check_norm(self.norm, "box_head.norm")
+    check_norm(self.norm, "box_head.norm", self.conv_layers)
     if not self.fc_layers:
       raise ValueError("box_head.fc_layers needs at least one fc")
     super().__post_init__()

@@ -25,7 +25,8 @@ class RPNHead(nn.Module):
     """pyramid: L x [B, H_l, W_l, C] (P2..); sizes: padded image sizes or None.
 
     Returns logits L x [B, H_l*W_l*A], deltas L x [B, H_l*W_l*A, 4]."""
-    shared = [conv(self.channels, 3, 1, 1, dtype=self.dtype, name=f"conv_{i}")
+    # The first conv keeps the name it had before conv_depth existed, so older checkpoints load.
+    shared = [conv(self.channels, 3, 1, 1, dtype=self.dtype, name=f"conv_{i}" if i else "conv")
               for i in range(self.conv_depth)]
     cls = conv(self.num_anchors, 1, dtype=self.dtype, name="cls_logits")
     reg = conv(self.num_anchors * 4, 1, dtype=self.dtype, name="bbox_pred")

@@ -131,6 +131,7 @@ class RoISampler:
 
   @property
   def max_positives(self) -> int:
+    """The most foreground RoIs sampled per image."""
     return int(self.batch_size_per_image * self.positive_fraction)
 
   def __call__(self, key: Array, proposals: Array, proposal_valid: Array,
@@ -164,8 +165,8 @@ class ForegroundSampler:
   boxes)."""
 
   def __post_init__(self):
-    if self.num_rois < 1:
-      raise ValueError(f"mask_sampler.num_rois must be >= 1, got {self.num_rois}")
+    if not isinstance(self.num_rois, int) or isinstance(self.num_rois, bool) or self.num_rois < 1:
+      raise ValueError(f"mask_sampler.num_rois must be an int >= 1, got {self.num_rois!r}")
 
   def __call__(self, samples: RoISamples) -> RoISamples:
     """One image's RoI samples (positives first) -> the first `num_rois`, valid where they are

@@ -13,7 +13,8 @@ class TrainState:
   Attributes:
     step: [] int32, optimizer updates done so far (also the number of batches consumed).
     params: the model's 'params' collection (float32, whatever the compute dtype).
-    batch_stats: the frozen BatchNorm statistics ('batch_stats'); carried along, never updated.
+    batch_stats: the norms' statistics ('batch_stats'): frozen BatchNorm's fixed terms, and the
+      running statistics of batch-statistics BatchNorm ('bn'), updated by each train step.
     opt_state: the optax state of `optimizer.make_optimizer(...)`.
     rng: [2] uint32 raw key data (`jax.random.key_data`) of the sampling key; the key of each step
       and example is derived from it (see `parallel.example_keys`), so it never changes.

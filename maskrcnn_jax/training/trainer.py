@@ -259,6 +259,15 @@ def abstract_inference_state(model, mesh) -> Dict[str, Any]:
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
+def _check_batch_keys(model, batch) -> None:
+  """Raises ValueError unless the input pipeline gives every entry the model's losses read (its
+  heads' `batch_keys`; crowd regions are optional)."""
+  missing = [k for k in model.batch_keys if k not in batch and not k.startswith("crowd_")]
+  if missing:
+    raise ValueError(f"the input pipeline gives no {missing}, which the model's heads read in "
+                     f"training (it gives {sorted(batch)}; see data/pipeline.py OUTPUT_KEYS)")
+
+
 def train_and_evaluate(config, workdir: str, *, evaluate: Optional[EvaluateFn] = None,
                        hooks: Iterable[Hook] = ()) -> TrainState:
   """Trains `config` in `workdir` (resuming it if it holds checkpoints); returns the final state.
@@ -353,6 +362,8 @@ def train_and_evaluate(config, workdir: str, *, evaluate: Optional[EvaluateFn] =
     step = start
     while step < total_steps:
       local_batch = next(batches)
+      if step == start:
+        _check_batch_keys(model, local_batch)
       t = time.time()
       state, metrics = step_fn(state, parallel.global_batch(local_batch, mesh, model.batch_keys))
       metrics = {k: float(v) for k, v in parallel.to_host(metrics).items()}

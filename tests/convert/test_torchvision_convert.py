@@ -42,7 +42,7 @@ def test_frozen_bn_form_and_pth_path(state_dict, tmp_path):
   path = tmp_path / "weights.pth"
   torch.save(frozen, path)
   _, variables = from_torchvision(str(path))
-  np.testing.assert_array_equal(np.asarray(variables["params"]["rpn"]["head"]["conv_0"]["bias"]),
+  np.testing.assert_array_equal(np.asarray(variables["params"]["rpn"]["head"]["conv"]["bias"]),
                                 state_dict["rpn.head.conv.0.0.bias"])
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import maskrcnn_jax
 from configs import tiny
 from maskrcnn_jax.modeling import builder
 from maskrcnn_jax.modeling.builder import build_model, register_roi_head
@@ -161,6 +162,11 @@ def test_registered_head_trains_and_predicts(trained_toy):
                              jnp.full((2, 2), 64, jnp.int32))
   assert out["toy_scores"].shape == out["scores"].shape
   assert np.all((out["toy_scores"] >= 0) & (out["toy_scores"] <= 1))
+  # predict() hands a head's per-detection predictions back with the detections.
+  image = (np.random.default_rng(1).uniform(0, 255, (48, 80, 3))).astype(np.uint8)
+  res = maskrcnn_jax.predict(model, {"params": end.params, "batch_stats": end.batch_stats},
+                             [image], min_size=64, max_size=96)[0]
+  assert res["toy_scores"].shape == res["scores"].shape
 
 
 @pytest.mark.slow
@@ -219,6 +225,86 @@ def test_build_time_validation(toy_registered):
     register_roi_head("bad_head", "x", nn.Dense)
 
 
+def test_build_time_validation_of_shapes():
+  c = _config()
+  c.model.rpn.anchor_sizes = ((32,), (64,), (128,), (256,))
+  with pytest.raises(ValueError, match="anchor_sizes has 4 levels"):
+    build_model(c.model)
+  c = _config()
+  c.model.rpn.anchor_sizes = ((32,), (64,), (128,), (256,), (512, 640))
+  with pytest.raises(ValueError, match="same number of sizes"):
+    build_model(c.model)
+  c = _config()
+  c.model.mask_pooler.levels = (3, 4, 5, 6, 7)
+  with pytest.raises(ValueError, match="mask_pooler.levels"):
+    build_model(c.model)
+  c = _config()
+  c.model.fpn.norm = "gn"
+  c.model.fpn.channels = 48
+  with pytest.raises(ValueError, match="fpn.norm='gn' needs channels divisible by 32"):
+    build_model(c.model)
+
+
+@pytest.fixture
+def registry():
+  """Registrations made by a test are undone after it."""
+  saved = dict(builder.ROI_HEADS), dict(builder.SAMPLERS)
+  yield
+  builder.ROI_HEADS.clear()
+  builder.ROI_HEADS.update(saved[0])
+  builder.SAMPLERS.clear()
+  builder.SAMPLERS.update(saved[1])
+
+
+def test_losses_cannot_be_dropped_or_shadowed(registry):
+  """A loss the objective would not sum (no loss_ prefix) or one that would overwrite another
+  head's is refused when the model is built."""
+  unnamed = type("Unnamed", (ToyHead,), {"loss_names": ("toy_loss",), "requires": ()})
+  shadow = type("Shadow", (ToyHead,), {"loss_names": ("loss_mask",), "requires": ()})
+  register_roi_head("unnamed_head", "toy", unnamed, pooler="box_pooler")
+  register_roi_head("shadow_head", "toy", shadow, pooler="box_pooler")
+  with pytest.raises(ValueError, match="'toy_loss' must start with 'loss_'"):
+    build_model(_config(unnamed_head=dict(type="toy")).model)
+  with pytest.raises(ValueError, match="shadow_head and mask_head both return 'loss_mask'"):
+    build_model(_config(shadow_head=dict(type="toy")).model)
+  shadow_box = type("ShadowBox", (ToyHead,), {"loss_names": ("loss_box_reg",), "requires": ()})
+  register_roi_head("shadow_head", "box", shadow_box, pooler="box_pooler")
+  with pytest.raises(ValueError, match="the box head both return 'loss_box_reg'"):
+    build_model(_config(shadow_head=dict(type="box")).model)
+
+
+def test_head_order_and_registration_errors(registry):
+  reader = type("Reader", (ToyHead,), {"loss_names": ("loss_reader",), "requires": ("late_head",)})
+  late = type("Late", (ToyHead,), {"loss_names": ("loss_late",), "requires": ()})
+  register_roi_head("reader_head", "toy", reader, pooler="box_pooler")
+  register_roi_head("late_head", "toy", late, pooler="box_pooler")
+  with pytest.raises(ValueError, match="reader_head reads late_head, which runs after it"):
+    build_model(_config(reader_head=dict(type="toy"), late_head=dict(type="toy")).model)
+  with pytest.raises(ValueError, match="named '<name>_pooler'"):
+    register_roi_head("x_head", "toy", late, pooler="box_features")
+  with pytest.raises(ValueError, match="already holds ForegroundSampler"):
+    register_roi_head("x_head", "toy", late, sampler="mask_sampler", sampler_cls=RoIPooler)
+  assert "x_head" not in builder.ROI_HEADS
+
+
+def test_evaluation_and_data_needs_checked_before_training(registry):
+  """A head whose COCO task evaluation does not score fails when the evaluator is made (before
+  training), and one whose loss reads a batch entry the pipeline lacks fails before the first
+  step, naming the entry."""
+  from maskrcnn_jax.evaluation.evaluator import make_training_evaluator
+  from maskrcnn_jax.training import trainer
+  posed = type("Posed", (ToyHead,), {"eval_task": "pose", "requires": ()})
+  hungry = type("Hungry", (ToyHead,), {"batch_keys": ("gt_occlusion",), "requires": ()})
+  register_roi_head("posed_head", "toy", posed, pooler="box_pooler")
+  register_roi_head("hungry_head", "toy", hungry, pooler="box_pooler")
+  with pytest.raises(ValueError, match=r"the model's heads ask for \['pose'\]"):
+    make_training_evaluator(_config(posed_head=dict(type="toy")))
+  model = build_model(_config(hungry_head=dict(type="toy")).model)
+  with pytest.raises(ValueError, match=r"gives no \['gt_occlusion'\]"):
+    trainer._check_batch_keys(model, _batch())
+  trainer._check_batch_keys(build_model(_config().model), _batch())
+
+
 def test_mask_off_is_faster_rcnn():
   for c in (_config(mask_on=False), _config()):
     if c.model.mask_on:
@@ -232,9 +318,13 @@ def test_mask_off_is_faster_rcnn():
 
 def test_mask_head_num_rois_is_an_alias_of_the_mask_sampler():
   c = _config()
-  c.model.mask_head.num_rois = 16
-  assert c.model.mask_sampler.num_rois == 16
-  assert build_model(c.model).roi_heads[0][2].num_rois == 16
+  c.model.mask_head.num_rois = 6
+  assert c.model.mask_sampler.num_rois == 6
+  assert build_model(c.model).roi_heads[0][2].num_rois == 6
+  c.model.mask_head.num_rois = 9  # the roi_sampler samples at most 32 * 0.25 = 8 foreground RoIs
+  with pytest.raises(ValueError, match="num_rois=9 exceeds the 8 foreground RoIs"):
+    build_model(c.model)
+  c.model.mask_head.num_rois = 6
   plain = dict(c.model)
   plain["mask_head"] = dict(c.model.mask_head, num_rois=4)  # a plain dict breaks the link
   with pytest.raises(ValueError, match="alias"):

@@ -126,7 +126,7 @@ def test_torchvision_maskrcnn_with_other_num_classes(tmp_path, monkeypatch, capl
   np.testing.assert_array_equal(p["box_head"]["fc7"]["kernel"],
                                 sd["roi_heads.box_head.fc7.weight"].numpy().T)
   rpn_conv = "rpn.head.conv.0.0.bias" if "rpn.head.conv.0.0.bias" in sd else "rpn.head.conv.bias"
-  np.testing.assert_array_equal(p["rpn"]["head"]["conv_0"]["bias"], sd[rpn_conv].numpy())
+  np.testing.assert_array_equal(p["rpn"]["head"]["conv"]["bias"], sd[rpn_conv].numpy())
   np.testing.assert_array_equal(v["batch_stats"]["backbone"]["bn1"]["running_var"],
                                 sd["backbone.body.bn1.running_var"].numpy())
   assert any("cls_score" in r.getMessage() and "re-initialized" in r.getMessage()
