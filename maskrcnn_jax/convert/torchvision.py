@@ -62,7 +62,7 @@ def torch_names(collection: str, path: Tuple[str, ...],
     return None
   tleaf = {"kernel": "weight", "bias": "bias"}[leaf]
   layout = "vector" if leaf == "bias" else "conv"
-  if top == "backbone":
+  if top in ("backbone", "roi_trunk"):  # a C4 model's RoI trunk is the ResNet's layer4
     return [".".join(["backbone.body"] + _backbone_parts(mid, "1") + [tleaf])], layout
   if top == "fpn":
     kind, i = mid[0].rsplit("_", 1)
@@ -105,7 +105,7 @@ def torch_names(collection: str, path: Tuple[str, ...],
 
 def _norm_names(top: str, mid, tleaf: str) -> Optional[Tuple[List[str], str]]:
   """torchvision keys of a norm layer's variable (BatchNorm2d / FrozenBatchNorm2d / GroupNorm)."""
-  if top == "backbone":
+  if top in ("backbone", "roi_trunk"):
     return [".".join(["backbone.body"] + _backbone_parts(mid, "1") + [tleaf])], "vector"
   name = mid[-1]
   if top == "fpn":
@@ -177,7 +177,8 @@ def _match(model: MaskRCNN, sd: Mapping[str, Any], prefix: str = "", strip: str 
   name for, as collection/path).
   """
   shapes = jax.eval_shape(lambda key: init_variables(model, key), jax.random.key(0))
-  pooled = model.box_pooler.output_size
+  # The box head's input side: fc6 reads the pooled features (C4: res5's, averaged to 1 x 1).
+  pooled = 1 if model.roi_trunk is not None else model.box_pooler.output_size
   report = {"loaded": [], "missing": [], "mis-shaped": [], "unexpected": [], "no_counterpart": []}
   used = set()
   out: Dict[str, Dict] = {}
@@ -338,7 +339,8 @@ def variables_from_resnet_state_dict(model: MaskRCNN, state_dict_or_path) -> Dic
   ignored. BatchNorm weights and statistics become the backbone norm's variables.
 
   Returns:
-    {'params': {'backbone': ...}, 'batch_stats': {'backbone': ...}}.
+    {'params': {'backbone': ...}, 'batch_stats': {'backbone': ...}} (and 'roi_trunk', layer4, in
+    C4 models).
 
   Raises:
     ValueError naming every missing, mis-shaped or unexpected (non-'fc') key.

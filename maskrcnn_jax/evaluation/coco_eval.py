@@ -29,13 +29,17 @@ def to_coco_results(image_id: int, result: Mapping[str, np.ndarray],
   Args:
     image_id: the COCO image id.
     result: `predict` output for the image: boxes [N, 4] (x1, y1, x2, y2) original pixels, scores
-      [N], labels [N] (model class indices), optionally masks [N, H, W] probabilities or bools.
+      [N], labels [N] (model class indices), optionally masks [N, H, W] probabilities or bools and
+      mask_scores [N] (Mask Scoring R-CNN's rescored mask confidences).
     label_to_category: model class index -> COCO category id; None keeps labels as ids
       (torchvision's 91-way COCO models).
     mask_threshold: probabilities above it are foreground.
 
   Returns:
-    [{'image_id', 'category_id', 'bbox' [x, y, w, h], 'score', ('segmentation' RLE)}].
+    [{'image_id', 'category_id', 'bbox' [x, y, w, h], 'score', ('segmentation' RLE)}], one record
+    per detection; with mask_scores two: a bbox record ('bbox', the box score) and a segm record
+    ('segmentation', the mask score, no 'bbox'), as the COCO results of the two tasks
+    (`task_records`).
   """
   boxes = np.asarray(result["boxes"], np.float64)
   out = []
@@ -54,7 +58,13 @@ def to_coco_results(image_id: int, result: Mapping[str, np.ndarray],
                score=round(float(result["scores"][i]), 5))
     if "masks" in result:
       m = np.asarray(result["masks"][i])
-      rec["segmentation"] = encode_mask(m > mask_threshold if m.dtype != bool else m)
+      segmentation = encode_mask(m > mask_threshold if m.dtype != bool else m)
+      if "mask_scores" in result:  # the box keeps its score, the mask gets its own record
+        out.append(rec)
+        rec = dict(image_id=int(image_id), category_id=cat, segmentation=segmentation,
+                   score=round(float(result["mask_scores"][i]), 5))
+      else:
+        rec["segmentation"] = segmentation
     out.append(rec)
   return out
 
@@ -69,6 +79,15 @@ def check_tasks(tasks: Iterable[str]) -> None:
     raise ValueError(f"COCO evaluation scores {IOU_TYPES}; the model's heads ask for {bad}")
 
 
+def task_records(results: Sequence[Mapping[str, Any]], iou_type: str) -> List[Dict[str, Any]]:
+  """The records COCOeval scores for one task: those with a 'bbox' for 'bbox', those with a
+  'segmentation' for 'segm' (a Mask Scoring R-CNN's segm records carry the mask score and no
+  'bbox'; pycocotools derives their boxes from the masks)."""
+  check_tasks([iou_type])
+  key = "bbox" if iou_type == "bbox" else "segmentation"
+  return [dict(r) for r in results if key in r]
+
+
 def evaluate(gt: Any, results: Sequence[Mapping[str, Any]],
              iou_types: Iterable[str] = ("bbox", "segm"),
              image_ids: Optional[Sequence[int]] = None, verbose: bool = True) -> Dict[str, Any]:
@@ -76,7 +95,8 @@ def evaluate(gt: Any, results: Sequence[Mapping[str, Any]],
 
   Args:
     gt: a `COCO` object or the path of an instances JSON.
-    results: COCO result records (`to_coco_results`); may be empty.
+    results: COCO result records (`to_coco_results`); may be empty. The segm evaluation scores
+      them by their 'segm_score' where they have one (`task_records`).
     iou_types: 'bbox' and/or 'segm'.
     image_ids: evaluate on these images only (default: all of gt's).
     verbose: print pycocotools' standard summaries and a per-category AP table.
@@ -97,7 +117,7 @@ def evaluate(gt: Any, results: Sequence[Mapping[str, Any]],
   check_tasks(iou_types)
   summary: Dict[str, Any] = {}
   for iou_type in iou_types:
-    recs = [r for r in results if iou_type == "bbox" or "segmentation" in r]
+    recs = task_records(results, iou_type)
     if iou_type == "segm" and results and not recs:
       raise ValueError("segm evaluation needs results with 'segmentation' (masks)")
     coco_dt = _load_results(coco_gt, recs)

@@ -61,7 +61,8 @@ def evaluate_split(model, variables, builder, split: str, *, min_size: int, max_
     split: e.g. 'validation'.
     min_size, max_size, bucket, batch_size: inference resize and bucketing (see `predict`).
     max_images: evaluate only the first N images.
-    out_dir: where to write `results.json` (COCO results), `metrics.json` and pictures.
+    out_dir: where to write `results.json` (COCO results; with a MaskIoU head, bbox records with
+      the box score and segm records with the mask score), `metrics.json` and pictures.
     num_pictures: how many images to draw (PNG) into `out_dir/pictures`.
     label_to_category, class_names: model class -> COCO category id, and names; default: the
       dataset's own table (`load_label_map`). For torchvision's 91-way COCO models pass an identity
@@ -137,8 +138,10 @@ def evaluate_split(model, variables, builder, split: str, *, min_size: int, max_
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
     coco_eval.save_results(os.path.join(out_dir, "results.json"), records)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    path = os.path.join(out_dir, "metrics.json")
+    with open(path + ".tmp", "w") as f:  # whole or absent, even if interrupted
       json.dump(summary, f, indent=1)
+    os.replace(path + ".tmp", path)
     if pictures:
       pic_dir = os.path.join(out_dir, "pictures")
       os.makedirs(pic_dir, exist_ok=True)

@@ -3,17 +3,28 @@
 Sections and their types (a section with variants has a `type` key; it holds the union of its
 types' fields, and a field the chosen type does not use is ignored; any other key is an error):
 
-  backbone      type 'resnet_fpn': `ResNet` (C2..C5) under an `FPN` (the `fpn` section)
+  backbone      type 'resnet_fpn': `ResNet` (C2..C5) under an `FPN` (the `fpn` section);
+                type 'resnet_c4': `ResNet` C2..C4 (the paper's ResNet-C4): the RPN and every
+                pooler read C4 (stride 16; the poolers' `levels` and level-mapping keys are
+                unused, the `fpn` section too), the per-level `rpn.anchor_sizes` become the sizes
+                of C4's one level, and ResNet's last stage (`ResNetStage`, Detectron2's
+                `Res5ROIHeads`) runs on every pooled RoI, shared by the RoI heads (the box head
+                reads it average-pooled)
   fpn           `FPN`
   rpn           `RPN` (inference settings)
   rpn_sampler   `samplers.AnchorSampler`
   roi_sampler   `samplers.RoISampler`
-  box_pooler    `poolers.RoIPooler` (type 'align')
+  box_pooler    `poolers.RoIPooler` (type 'align' RoIAlign, 'pool' RoIPool, 'warp' RoIWarp;
+                `reduce` 'ave' / 'max'; `sampling_ratio` 0 = adaptive)
   box_head      `roi_heads.BoxHead` (type 'conv_fc')
   postprocess   `roi_heads.Postprocess`
-  mask_pooler   `poolers.RoIPooler` of the mask head
-  mask_head     type 'fcn': `mask_head.MaskHead`; 'none': off (Faster R-CNN)
+  mask_pooler   `poolers.RoIPooler` of the mask head (types as box_pooler)
+  mask_head     type 'fcn': `mask_head.MaskHead`; 'mlp': `mask_head.MLPMaskHead` (the paper's fc
+                heads); 'none': off (Faster R-CNN); either type with `class_agnostic` and `loss`
+                'sigmoid' (per class) or 'softmax' (per pixel over the classes)
   mask_sampler  `samplers.ForegroundSampler` (`num_rois`; `mask_head.num_rois` is its alias)
+  mask_iou_head type 'standard': `mask_iou_head.MaskIoUHead` (Mask Scoring R-CNN, on the mask
+                head's outputs and `mask_sampler`'s RoIs); 'none': off (the default)
 
 plus `num_classes`, `dtype` ('float32' or 'bfloat16' compute; parameters, box math and losses stay
 float32), `mask_on` (False turns the mask head off, as `mask_head.type='none'` does) and
@@ -28,16 +39,17 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import jax.numpy as jnp
 
 from maskrcnn_jax.modeling.fpn import FPN
-from maskrcnn_jax.modeling.mask_head import MaskHead
+from maskrcnn_jax.modeling.mask_head import MaskHead, MLPMaskHead
+from maskrcnn_jax.modeling.mask_iou_head import MaskIoUHead
 from maskrcnn_jax.modeling.mask_rcnn import BOX_LOSSES, MaskRCNN
 from maskrcnn_jax.modeling.poolers import RoIPooler
-from maskrcnn_jax.modeling.resnet import ResNet
+from maskrcnn_jax.modeling.resnet import ResNet, ResNetStage
 from maskrcnn_jax.modeling.roi_heads import BoxHead, Postprocess
-from maskrcnn_jax.modeling.rpn import PYRAMID_LEVELS, RPN
+from maskrcnn_jax.modeling.rpn import C4_LEVELS, PYRAMID_LEVELS, RPN
 from maskrcnn_jax.modeling.samplers import AnchorSampler, ForegroundSampler, RoISampler
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-BACKBONE_TYPES = {"resnet_fpn": ResNet}
+BACKBONE_TYPES = {"resnet_fpn": ResNet, "resnet_c4": ResNet}
 OFF = "none"
 
 
@@ -51,13 +63,18 @@ class HeadEntry:
 
 # Run order is insertion order: a head that reads another comes after it.
 ROI_HEADS: Dict[str, HeadEntry] = {
-    "mask_head": HeadEntry({"fcn": MaskHead}, pooler="mask_pooler", sampler="mask_sampler"),
+    "mask_head": HeadEntry({"fcn": MaskHead, "mlp": MLPMaskHead}, pooler="mask_pooler",
+                           sampler="mask_sampler"),
+    # Mask Scoring R-CNN: reads the mask head's features and masks (no pooler of its own).
+    "mask_iou_head": HeadEntry({"standard": MaskIoUHead}, sampler="mask_sampler"),
 }
 SAMPLERS: Dict[str, type] = {"rpn_sampler": AnchorSampler, "roi_sampler": RoISampler,
                              "mask_sampler": ForegroundSampler}
 POOLERS = ("box_pooler", "mask_pooler")
 # Keys kept for compatibility: section -> {alias: (section, key) it stands for}.
-ALIASES = {"mask_head": {"num_rois": ("mask_sampler", "num_rois")}}
+# `mask_head.loss` names the mask heads' `loss_type` field (their `loss` is the RoI-head method).
+ALIASES = {"mask_head": {"num_rois": ("mask_sampler", "num_rois"),
+                         "loss": ("mask_head", "loss_type")}}
 
 
 def register_roi_head(section: str, type_name: str, cls: type, *, pooler: Optional[str] = None,
@@ -206,20 +223,32 @@ def build_model(model_cfg: Mapping[str, Any], *, frozen_stages: int = 0) -> Mask
     _, c, kwargs = _section(cfg, section, cls, {**common, **dict(extra)})
     return _make(section, c, kwargs)
 
-  _, backbone_cls, kwargs = _section(cfg, "backbone", BACKBONE_TYPES,
-                                     {**common, "frozen_stages": int(frozen_stages)})
+  backbone_type = dict(cfg.get("backbone") or {}).get("type", next(iter(BACKBONE_TYPES)))
+  c4 = backbone_type == "resnet_c4"
+  _, backbone_cls, kwargs = _section(cfg, "backbone", BACKBONE_TYPES, {
+      **common, "frozen_stages": int(frozen_stages), "num_stages": 3 if c4 else 4})
   backbone = _make("backbone", backbone_cls, kwargs)
+  trunk = None
+  if c4:
+    trunk = _make("backbone", ResNetStage, dict(
+        {k: kwargs[k] for k in ("depth", "width_per_group", "stage_blocks", "norm", "norm_eps")
+         if k in kwargs}, dtype=dtype))
+  levels = C4_LEVELS if c4 else PYRAMID_LEVELS
   samplers = {name: single(name, cls) for name, cls in SAMPLERS.items()}
   poolers = {name: single(name, RoIPooler) for name in known_sections() if name.endswith("_pooler")}
   for name, pooler in poolers.items():
-    if not set(pooler.levels) <= set(PYRAMID_LEVELS):
+    if c4:  # every pooler reads C4
+      poolers[name] = dataclasses.replace(pooler, levels=C4_LEVELS)
+    elif not set(pooler.levels) <= set(levels):
       raise ValueError(f"config.model.{name}.levels={pooler.levels}: the backbone gives levels "
-                       f"{PYRAMID_LEVELS}")
-  rpn = single("rpn", RPN)
-  if len(rpn.anchor_sizes) != len(PYRAMID_LEVELS):
+                       f"{levels}")
+  rpn = single("rpn", RPN, {"levels": levels})
+  if c4 and len(rpn.anchor_sizes) > 1:  # the FPN's per-level sizes, all on C4's one level
+    rpn = rpn.clone(anchor_sizes=(tuple(s for sizes in rpn.anchor_sizes for s in sizes),))
+  if len(rpn.anchor_sizes) != len(levels):
+    strides = ", ".join(f"stride {2 ** level}" for level in levels)
     raise ValueError(f"config.model.rpn.anchor_sizes has {len(rpn.anchor_sizes)} levels; the "
-                     f"backbone gives {len(PYRAMID_LEVELS)} (P{PYRAMID_LEVELS[0]}.."
-                     f"P{PYRAMID_LEVELS[-1]})")
+                     f"backbone gives {len(levels)} ({strides})")
   if len({len(s) for s in rpn.anchor_sizes}) != 1:
     raise ValueError("config.model.rpn.anchor_sizes: every level needs the same number of sizes "
                      f"(anchors per location), got {rpn.anchor_sizes}")
@@ -271,9 +300,14 @@ def build_model(model_cfg: Mapping[str, Any], *, frozen_stages: int = 0) -> Mask
     if not float(w) >= 0:
       raise ValueError(f"config.model.loss_weights.{name} must be >= 0, got {w}")
 
+  fpn = single("fpn", FPN)  # validated either way
+  box_head = single("box_head", BoxHead)
+  if c4 and box_head.conv_layers:
+    raise ValueError("config.model.box_head.conv_layers: a C4 model's box head reads the averaged "
+                     "res5 features (1 x 1): use fc_layers (or none)")
   return MaskRCNN(
-      num_classes=k, backbone=backbone, fpn=single("fpn", FPN), rpn=rpn,
-      box_pooler=poolers["box_pooler"], box_head=single("box_head", BoxHead),
+      num_classes=k, backbone=backbone, fpn=None if c4 else fpn, rpn=rpn, roi_trunk=trunk,
+      box_pooler=poolers["box_pooler"], box_head=box_head,
       postprocess=single("postprocess", Postprocess),
       rpn_sampler=samplers["rpn_sampler"], roi_sampler=roi, roi_heads=tuple(heads),
       loss_weights=tuple(sorted((n, float(w)) for n, w in weights.items())))
@@ -301,7 +335,7 @@ def torchvision_model_config(depth: int = 50, num_classes: int = 91, version: in
   m.mask_on = True
   m.dtype = "float32"
   m.loss_weights = ml_collections.ConfigDict(
-      {name: 1.0 for name in BOX_LOSSES + ("loss_mask",)})
+      {name: 1.0 for name in BOX_LOSSES + ("loss_mask", "loss_maskiou")})
   m.backbone = dict(type="resnet_fpn", depth=depth, width_per_group=64, stage_blocks=(),
                     norm="bn" if v2 else "frozen_bn", norm_eps=1e-5)
   m.fpn = dict(channels=256, norm="bn" if v2 else "none")
@@ -316,7 +350,8 @@ def torchvision_model_config(depth: int = 50, num_classes: int = 91, version: in
   m.roi_sampler = dict(fg_iou_threshold=0.5, bg_iou_threshold=0.5, batch_size_per_image=512,
                        positive_fraction=0.25, crowd_ioa_threshold=0.5, add_gt_as_proposals=True)
   pooler = dict(type="align", sampling_ratio=2, aligned=False, canonical_scale=224,
-                canonical_level=4, levels=(2, 3, 4, 5))
+                canonical_level=4, levels=(2, 3, 4, 5), reduce=RoIPooler.reduce,
+                max_samples=RoIPooler.max_samples, max_bin_size=RoIPooler.max_bin_size)
   m.box_pooler = dict(pooler, output_size=7)
   m.box_head = dict(type="conv_fc", conv_layers=(256,) * 4 if v2 else (),
                     fc_layers=(1024,) if v2 else (1024, 1024), norm="bn" if v2 else "none",
@@ -325,9 +360,11 @@ def torchvision_model_config(depth: int = 50, num_classes: int = 91, version: in
                        min_size=1e-2, candidates_per_image=4000)
   m.mask_pooler = dict(pooler, output_size=14)
   m.mask_head = dict(type="fcn" if mask else OFF, layers=(256, 256, 256, 256), dilation=1,
-                     norm="bn" if v2 else "none")
+                     norm="bn" if v2 else "none", deconv_channels=0, class_agnostic=False,
+                     loss="sigmoid", mlp_layers=(1024, 1024))
   m.mask_sampler = dict(num_rois=128)
   m.mask_head.num_rois = m.mask_sampler.get_ref("num_rois")  # the alias, kept in step
+  m.mask_iou_head = dict(type=OFF, conv_layers=(256, 256, 256, 256), fc_layers=(1024, 1024))
   return m
 
 

@@ -88,6 +88,30 @@ def maskrcnn_loss(mask_logits: Array, labels: Array, targets: Array, valid: Arra
   return jnp.sum(jnp.where(valid, bce, 0.0)) / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
 
 
+def maskrcnn_softmax_loss(mask_logits: Array, channels: Array, targets: Array,
+                          valid: Array) -> Array:
+  """The coupled per-pixel softmax mask loss (Mask R-CNN paper, Table 2b) for one image's positive
+  RoIs: with p the softmax over the mask channels (channel 0 background), a RoI whose foreground
+  channel is c and whose soft target is t costs -(t log p_c + (1 - t) log p_0) per pixel; mean over
+  all pixels of the valid RoIs (0 when there are none), normalized as `maskrcnn_loss`.
+
+  Args:
+    mask_logits: [P, S, S, K] logits, K >= 2 (channel 0 background);
+    channels: [P] int32 each RoI's foreground channel in 1..K-1 (its ground-truth class, or 1 for
+      class-agnostic logits [P, S, S, 2] of (background, foreground));
+    targets: [P, S, S] float in [0, 1]; valid: [P] bool.
+  """
+  if mask_logits.shape[-1] < 2:
+    raise ValueError(f"mask_logits needs a background and a foreground channel, got shape "
+                     f"{mask_logits.shape}")
+  logp = jax.nn.log_softmax(mask_logits.astype(jnp.float32), axis=-1)
+  t = targets.astype(jnp.float32)
+  per_pixel = -(t * select_class_channel(logp, channels) + (1.0 - t) * logp[..., 0])
+  per_roi = jnp.mean(per_pixel, axis=(1, 2))
+  return jnp.sum(jnp.where(valid, per_roi, 0.0)) / jnp.maximum(jnp.sum(valid), 1).astype(
+      jnp.float32)
+
+
 def objective(losses: Mapping[str, Array], weights: Mapping[str, float] = None) -> Array:
   """The training objective: the sum of every `loss_*` entry of `losses`, each times its weight in
   `weights` (1 where absent). Entries not named `loss_*` (metrics) do not count."""

@@ -5,7 +5,9 @@
     then every RoI head in order (mask_head, ...): predict on the detections, or loss on its samples
 
 Built from `config.model` by `builder.build_model`; with `mask_head.type='none'` (`mask_on=False`)
-it is Faster R-CNN.
+it is Faster R-CNN. A C4 model (`backbone.type='resnet_c4'`, the paper's ResNet-C4) has no FPN:
+the RPN and every pooler read C4 (stride 16), and ResNet's last stage (`roi_trunk`) runs on every
+pooled RoI before the heads, average-pooled for the box head, as Detectron2's `Res5ROIHeads`.
 """
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -16,9 +18,9 @@ import jax.numpy as jnp
 from maskrcnn_jax.modeling.fpn import FPN
 from maskrcnn_jax.modeling.losses import fastrcnn_loss, objective, rpn_loss
 from maskrcnn_jax.modeling.poolers import RoIPooler
-from maskrcnn_jax.modeling.resnet import ResNet
+from maskrcnn_jax.modeling.resnet import ResNet, ResNetStage
 from maskrcnn_jax.modeling.roi_heads import BoxHead, HeadContext, Postprocess
-from maskrcnn_jax.modeling.rpn import PYRAMID_LEVELS, RPN
+from maskrcnn_jax.modeling.rpn import RPN
 from maskrcnn_jax.modeling.samplers import AnchorSampler, GroundTruth, RoISampler
 from maskrcnn_jax.ops.boxes import encode_boxes
 from maskrcnn_jax.types import Array
@@ -38,7 +40,8 @@ class MaskRCNN(nn.Module):
   num_classes: int
   """Classes including background (91 for COCO's category ids)."""
   backbone: ResNet
-  fpn: FPN
+  fpn: Optional[FPN]
+  """None in C4 models (the RPN and poolers read C4)."""
   rpn: RPN
   box_pooler: RoIPooler
   box_head: BoxHead
@@ -51,6 +54,8 @@ class MaskRCNN(nn.Module):
   section's name."""
   loss_weights: Tuple[Tuple[str, float], ...] = ()
   """(loss name, weight) for `objective`; absent losses weigh 1."""
+  roi_trunk: Optional[ResNetStage] = None
+  """C4 models: ResNet's last stage, shared by the RoI heads (applied by `HeadContext.pool`)."""
 
   def setup(self):
     for name, head, _ in self.roi_heads:
@@ -92,30 +97,44 @@ class MaskRCNN(nn.Module):
 
   # -- forward passes ------------------------------------------------------------------------
 
+  @property
+  def levels(self) -> Tuple[int, ...]:
+    """The feature levels the RPN and the poolers read: (2, ..., 6) with an FPN, (4,) for C4."""
+    return tuple(self.rpn.levels)
+
   def features(self, images, padded_sizes=None, train: bool = False,
                axis_name: Optional[str] = None):
     """images: [B, H, W, 3] normalized, H and W multiples of 32; padded_sizes: [B, 2] int32 or None
-    (see `layers.mask_to_extent`). Returns [P2..P6]."""
-    return self.fpn(self.backbone(images, padded_sizes, train, axis_name), padded_sizes, train,
-                    axis_name)
+    (see `layers.mask_to_extent`). Returns the maps of `levels`: [P2..P6], or [C4]."""
+    feats = self.backbone(images, padded_sizes, train, axis_name)
+    if self.fpn is None:
+      return [feats[f"c{level}"] for level in self.levels]
+    return self.fpn(feats, padded_sizes, train, axis_name)
 
   def _context(self, pyramid, padded_sizes, train, axis_name) -> HeadContext:
-    levels = dict(zip(PYRAMID_LEVELS, pyramid))
-    return HeadContext(levels, padded_sizes, train, axis_name, None, {})
+    levels = dict(zip(self.levels, pyramid))
+    return HeadContext(levels, padded_sizes, train, axis_name, self.roi_trunk, {})
+
+  def _box_features(self, ctx: HeadContext, boxes: Array) -> Array:
+    """boxes [B, N, 4] canvas pixels -> the box head's input [B, N, S, S, C] ([B, N, 1, 1, C]:
+    the RoI trunk's output averaged, in C4 models)."""
+    x = ctx.pool(self.box_pooler, boxes)
+    if ctx.trunk is not None:
+      x = jnp.mean(x.astype(jnp.float32), axis=(-3, -2), keepdims=True).astype(x.dtype)
+    return x
 
   def initialize(self, images):
     """Creates every variable cheaply (`model.init(key, images, method=MaskRCNN.initialize)`):
-    the backbone and the RPN head on `images` [B, H, W, 3] (no proposal selection), the box head
-    on zeros, and each RoI head's `predict` on one box per image."""
+    the backbone and the RPN head on `images` [B, H, W, 3] (no proposal selection), and the box
+    head and each RoI head's `predict` on one box per image."""
     b = images.shape[0]
     pyramid = self.features(images)
     self.rpn.head(pyramid)
-    s, c = self.box_pooler.output_size, pyramid[0].shape[-1]
-    self.box_head(jnp.zeros((b, 1, s, s, c), images.dtype))
     ctx = self._context(pyramid, None, False, None)
     dets = dict(boxes=jnp.tile(jnp.asarray([[[0.0, 0.0, 16.0, 16.0]]]), (b, 1, 1)),
                 labels=jnp.ones((b, 1), jnp.int32), scores=jnp.ones((b, 1)),
                 valid=jnp.ones((b, 1), bool))
+    self.box_head(self._box_features(ctx, dets["boxes"]))
     for name, head, _ in self.roi_heads:
       out = getattr(self, name).predict(ctx, dets)
       ctx.outputs[name] = out
@@ -133,13 +152,14 @@ class MaskRCNN(nn.Module):
     Returns:
       boxes [B, D, 4] (x1, y1, x2, y2) resized-image pixels, scores [B, D], labels [B, D] int32,
       valid [B, D] bool, proposals [B, P, 4] and proposal_valid [B, P], and each head's
-      `prediction_keys` (the mask head's masks [B, D, 28, 28]: probabilities of the labelled class).
+      `prediction_keys` (the mask head's masks [B, D, 2S, 2S]: probabilities of the labelled
+      class; 28 x 28 with FPN, 14 x 14 in C4 models).
     """
     pyramid = self.features(images, padded_sizes)
     rpn_out = self.rpn(pyramid, image_sizes, padded_sizes, train=False)
     props, props_valid = rpn_out["proposals"], rpn_out["proposal_valid"]
     ctx = self._context(pyramid, padded_sizes, False, None)
-    logits, deltas = self.box_head(ctx.pool(self.box_pooler, props))
+    logits, deltas = self.box_head(self._box_features(ctx, props))
     dets = jax.vmap(lambda *a: self.postprocess(*a, self.box_head.bbox_reg_weights))(
         logits, deltas, props, props_valid, image_sizes)
     for name, _, _ in self.roi_heads:
@@ -200,7 +220,7 @@ class MaskRCNN(nn.Module):
                                          rpn_out["proposal_valid"], gt)
     ctx = self._context(pyramid, None, True, axis_name)
     bh = self.box_head
-    logits, deltas = bh(ctx.pool(self.box_pooler, samples.rois), True, axis_name, samples.valid)
+    logits, deltas = bh(self._box_features(ctx, samples.rois), True, axis_name, samples.valid)
     matched = jax.vmap(lambda boxes, i: boxes[i])(gt.boxes, samples.gt_index)
     targets = jax.vmap(lambda m, r, p: encode_boxes(jnp.where(p[:, None], m, r), r,
                                                     bh.bbox_reg_weights))(

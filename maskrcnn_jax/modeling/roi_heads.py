@@ -22,7 +22,8 @@ from maskrcnn_jax.types import Array
 class HeadContext(NamedTuple):
   """What the detector hands every RoI head (one per forward pass).
 
-  features: {level: [B, H_l, W_l, C]} the backbone's maps the poolers read (P2..P6 for FPN).
+  features: {level: [B, H_l, W_l, C]} the backbone's maps the poolers read (P2..P6 for FPN, C4
+    alone for C4 models).
   padded_sizes: [B, 2] int32 each image's own padded size within the canvas (see
     `layers.mask_to_extent`), or None (the canvas).
   train: training forward (batch statistics in batch-norm layers).
@@ -40,8 +41,8 @@ class HeadContext(NamedTuple):
   outputs: Optional[Dict[str, Dict[str, Array]]] = None
 
   def pool(self, pooler: RoIPooler, boxes: Array) -> Array:
-    """boxes [B, N, 4] (x1, y1, x2, y2) canvas pixels -> pooled [B, N, S, S, C] (through the
-    shared trunk, if any)."""
+    """boxes [B, N, 4] (x1, y1, x2, y2) canvas pixels -> pooled [B, N, S, S, C]; through the
+    shared trunk, if any (C4 models: res5's [B, N, ceil(S/2), ceil(S/2), C5])."""
     x = pooler(self.features, boxes, self.padded_sizes)
     if self.trunk is not None:
       x = self.trunk(x, self.train, self.axis_name)
@@ -94,7 +95,8 @@ class BoxHead(nn.Module):
   conv_layers: Sequence[int] = ()
   """Channels of the 3x3 convs before the fcs."""
   fc_layers: Sequence[int] = (1024, 1024)
-  """Widths of the fcs (named fc6, fc7, ... as torchvision's TwoMLPHead)."""
+  """Widths of the fcs (named fc6, fc7, ... as torchvision's TwoMLPHead); may be empty (C4 models
+  as Detectron2: the predictor reads the averaged res5 features)."""
   norm: str = "none"
   """Norm after each conv (`layers.NORM_TYPES`)."""
   bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0)
@@ -105,8 +107,6 @@ class BoxHead(nn.Module):
     if self.type not in BOX_HEAD_TYPES:
       raise ValueError(f"box_head.type must be one of {BOX_HEAD_TYPES}, got {self.type!r}")
     check_norm(self.norm, "box_head.norm", self.conv_layers)
-    if not self.fc_layers:
-      raise ValueError("box_head.fc_layers needs at least one fc")
     super().__post_init__()
 
   @nn.compact

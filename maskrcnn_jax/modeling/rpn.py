@@ -11,6 +11,8 @@ from maskrcnn_jax.ops import anchors as anchor_ops, boxes as box_ops
 from maskrcnn_jax.ops.nms import nms
 
 PYRAMID_LEVELS = (2, 3, 4, 5, 6)
+"""The FPN's levels (log2 of the stride); a C4 model has the one level `C4_LEVELS`."""
+C4_LEVELS = (4,)
 
 
 class RPNHead(nn.Module):
@@ -19,10 +21,12 @@ class RPNHead(nn.Module):
   channels: int = 256
   conv_depth: int = 1
   dtype: Any = jnp.float32
+  levels: Sequence[int] = PYRAMID_LEVELS
+  """The levels (log2 of the strides) of the maps it reads, for `mask_to_extent`."""
 
   @nn.compact
   def __call__(self, pyramid: List[jnp.ndarray], sizes=None):
-    """pyramid: L x [B, H_l, W_l, C] (P2..); sizes: padded image sizes or None.
+    """pyramid: L x [B, H_l, W_l, C] at `levels`; sizes: padded image sizes or None.
 
     Returns logits L x [B, H_l*W_l*A], deltas L x [B, H_l*W_l*A, 4]."""
     # The first conv keeps the name it had before conv_depth existed, so older checkpoints load.
@@ -31,7 +35,7 @@ class RPNHead(nn.Module):
     cls = conv(self.num_anchors, 1, dtype=self.dtype, name="cls_logits")
     reg = conv(self.num_anchors * 4, 1, dtype=self.dtype, name="bbox_pred")
     logits, deltas = [], []
-    for level, p in enumerate(pyramid, start=PYRAMID_LEVELS[0]):
+    for level, p in zip(self.levels, pyramid):
       t = p
       for c in shared:  # every 3x3 conv reads neighbours: zero what lies past the image's extent
         t = nn.relu(c(mask_to_extent(t, sizes, level)))
@@ -46,7 +50,8 @@ class RPN(nn.Module):
 
   Field names follow torchvision's `rpn_*` arguments."""
   anchor_sizes: Sequence[Sequence[float]] = ((32,), (64,), (128,), (256,), (512,))
-  """Anchor sizes per pyramid level P2..P6."""
+  """Anchor sizes per feature level (P2..P6; C4 models: one level, e.g. ((32, 64, 128, 256,
+  512),), which the builder makes from the per-level sizes)."""
   aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)
   """Anchor height/width ratios, the same on every level."""
   pre_nms_topk_train: int = 2000
@@ -64,11 +69,13 @@ class RPN(nn.Module):
   score_threshold: float = 0.0
   """Proposals with sigmoid objectness below this are dropped."""
   channels: int = 256
-  """Input (FPN) channels."""
+  """Channels of the head's 3x3 convs (torchvision: the input's, 256 on FPN, 1024 on R50's C4)."""
   conv_depth: int = 1
   """3x3 convs of the head: 1 in torchvision v1, 2 in v2."""
   dtype: Any = jnp.float32
   """Compute dtype of the head."""
+  levels: Sequence[int] = PYRAMID_LEVELS
+  """The feature levels it reads (log2 of their strides); set by the builder from the backbone."""
 
   def cells(self):
     return [anchor_ops.cell_anchors(s, self.aspect_ratios) for s in self.anchor_sizes]
@@ -77,14 +84,15 @@ class RPN(nn.Module):
     cells = self.cells()
     if len({c.shape[0] for c in cells}) != 1:
       raise ValueError("every level needs the same number of anchors per location")
-    self.head = RPNHead(cells[0].shape[0], self.channels, self.conv_depth, self.dtype)
+    self.head = RPNHead(cells[0].shape[0], self.channels, self.conv_depth, self.dtype,
+                        tuple(self.levels))
 
   def __call__(self, pyramid: List[jnp.ndarray], image_sizes, padded_sizes,
                train: bool = False) -> Dict[str, jnp.ndarray]:
     """Runs the head and selects proposals.
 
     Args:
-      pyramid: [P2..P6], each [B, H_l, W_l, C].
+      pyramid: the maps of `levels` ([P2..P6], or [C4]), each [B, H_l, W_l, C].
       image_sizes: [B, 2] int32 (h, w) of each resized image before padding (boxes are clipped
         to it).
       padded_sizes: [B, 2] int32 (h, w) each image is padded to in torchvision's own batching (a
@@ -96,12 +104,13 @@ class RPN(nn.Module):
       anchor_valid: [B, A] bool; proposals: [B, P, 4]; proposal_scores: [B, P] sigmoid objectness;
       proposal_valid: [B, P] bool, with P = post_nms_topk_{train,test}.
     """
-    if len(self.anchor_sizes) != len(pyramid):
-      raise ValueError(f"{len(self.anchor_sizes)} anchor sizes for {len(pyramid)} pyramid levels")
+    if not len(self.anchor_sizes) == len(self.levels) == len(pyramid):
+      raise ValueError(f"{len(self.anchor_sizes)} anchor sizes and levels {self.levels} for "
+                       f"{len(pyramid)} feature maps")
     cells = self.cells()
     logits, deltas = self.head(pyramid, padded_sizes)
     grid_shapes = [p.shape[1:3] for p in pyramid]
-    levels = PYRAMID_LEVELS[:len(pyramid)]
+    levels = tuple(self.levels)
     anchors, anchor_valid = jax.vmap(
         lambda s: anchor_ops.multilevel_anchors(grid_shapes, levels, (s[0], s[1]), cells))(
             padded_sizes)

@@ -1,9 +1,10 @@
-"""Pure jax.numpy ops (no flax): boxes, anchors, matching, sampling, NMS, RoIAlign, masks.
+"""Pure jax.numpy ops (no flax): boxes, anchors, matching, sampling, NMS, RoIAlign (and RoIWarp,
+RoIPool), masks.
 
 The functions are re-exported here, as `torchvision.ops` does: `from maskrcnn_jax.ops import
-roi_align` gives the function. (As in torchvision, `maskrcnn_jax.ops.roi_align` and
-`maskrcnn_jax.ops.nms` therefore name functions, not modules; `from maskrcnn_jax.ops.roi_align
-import multilevel_roi_align` still reads the module.)
+roi_align` gives the function. (As in torchvision, `maskrcnn_jax.ops.roi_align`,
+`maskrcnn_jax.ops.roi_pool` and `maskrcnn_jax.ops.nms` therefore name functions, not modules;
+`from maskrcnn_jax.ops.roi_align import multilevel_roi_align` still reads the module.)
 """
 from maskrcnn_jax.ops.anchors import (
     cell_anchors,
@@ -27,16 +28,20 @@ from maskrcnn_jax.ops.roi_align import (
     map_roi_levels,
     multilevel_roi_align,
     multilevel_roi_align_batched,
+    multilevel_roi_warp_batched,
     roi_align,
     roi_align_batched,
+    roi_warp,
 )
+from maskrcnn_jax.ops.roi_pool import multilevel_roi_pool_batched, roi_pool
 from maskrcnn_jax.ops.sampling import sample_balanced, sample_indices
 
 __all__ = [
     "MatchLabel", "batched_nms", "box_area", "box_sizes_at_least", "cell_anchors", "clip_boxes",
     "crowd_overlap", "decode_boxes", "encode_boxes", "feature_grid_size", "grid_anchors",
     "map_roi_levels", "match_boxes", "multilevel_anchors", "multilevel_roi_align",
-    "multilevel_roi_align_batched", "nms", "pairwise_iou", "paste_masks", "project_mask_crops",
-    "roi_align", "roi_align_batched", "sample_balanced", "sample_indices", "scale_boxes",
+    "multilevel_roi_align_batched", "multilevel_roi_pool_batched", "multilevel_roi_warp_batched",
+    "nms", "pairwise_iou", "paste_masks", "project_mask_crops", "roi_align", "roi_align_batched",
+    "roi_pool", "roi_warp", "sample_balanced", "sample_indices", "scale_boxes",
     "select_class_channel",
 ]

@@ -58,6 +58,81 @@ def project_mask_crops(crops: Array, gt_boxes: Array, gt_index: Array, rois: Arr
   return out[:, 0, ..., 0]
 
 
+def _crop_overlaps(lo: Array, hi: Array, a: Array, b: Array, size: int) -> Array:
+  """[P, size] length of the overlap of each of `size` equal cells tiling [lo, hi] with [a, b]
+  (all [P])."""
+  edges = lo[:, None] + (hi - lo)[:, None] * (jnp.arange(size + 1, dtype=jnp.float32) / size)
+  return jnp.clip(jnp.minimum(edges[:, 1:], b[:, None]) - jnp.maximum(edges[:, :-1], a[:, None]),
+                  0.0, None)
+
+
+def mask_iou_targets(mask_probs: Array, mask_targets: Array, rois: Array, gt_masks: Array,
+                     gt_boxes: Array, gt_index: Array, threshold: float = 0.5) -> Array:
+  """MaskIoU targets (Mask Scoring R-CNN): the IoU of each RoI's binarized predicted mask with its
+  whole ground-truth instance, counting the part of the instance outside the RoI.
+
+  Everything is measured in cells of the RoI's G x G mask grid (G = 2S; a cell is
+  roi_w * roi_h / G^2 pixels), as the official `MaskRCNNLossComputation` does:
+
+    pred       = mask_probs > threshold (the official `mask_logits > 0`)
+    inter      = sum(pred * t)                 t = mask_targets: the fraction of each cell the
+                                               instance covers, so sums are areas
+    ratio      = inside / full                 the instance's area inside the RoI over its whole
+                                               area, both in pixels, from its crop (below)
+    full_cells = sum(t) / max(ratio, 1e-10)    the whole instance's area in cells
+    iou        = max(inter, 0) / max(sum(pred) + full_cells - inter, 1)
+
+  The crop `gt_masks[m]` tiles its box: crop pixel (i, j) is the rectangle of side
+  (box_w / Sc, box_h / Sc) at (x1 + j box_w / Sc, y1 + i box_h / Sc) holding coverage
+  crop[i, j], so full = mean(crop) * box_w * box_h, and inside sums each crop pixel's coverage
+  times its area inside the RoI. The RoI is shifted by half a pixel there, as in
+  `project_mask_crops`, so that `inside` measures the part of the instance the targets hold; an
+  instance wholly inside the RoI then has ratio 1 and full_cells = sum(t) exactly, and one cut by
+  the RoI is not over-credited for the part the prediction cannot see. (The official code finds
+  the same ratio from the instance's polygons.) No gradient flows through the targets.
+
+  Args:
+    mask_probs: [P, G, G] predicted mask probabilities of each RoI's ground-truth class.
+    mask_targets: [P, G, G] float in [0, 1] the RoIs' mask targets (`project_mask_crops` of the
+      same crops, boxes, gt_index and rois).
+    rois: [P, 4] float32 (x1, y1, x2, y2) pixels.
+    gt_masks: [M, Sc, Sc] float in [0, 1] ground-truth instance crops covering their boxes.
+    gt_boxes: [M, 4] float32 (x1, y1, x2, y2) pixels, the crops' boxes.
+    gt_index: [P] int32 each RoI's ground-truth instance.
+    threshold: probabilities above it are foreground.
+
+  Returns:
+    [P] float32 in [0, 1]: 0 for an empty prediction, an empty instance or a degenerate RoI.
+  """
+  if mask_probs.ndim != 3 or mask_probs.shape != mask_targets.shape:
+    raise ValueError(f"mask_probs {mask_probs.shape} and mask_targets {mask_targets.shape} must "
+                     "both be [P, G, G]")
+  p = mask_probs.shape[0]
+  if rois.shape != (p, 4) or gt_index.shape != (p,):
+    raise ValueError(f"rois must be [P, 4] and gt_index [P] with P = {p}, got {rois.shape} and "
+                     f"{gt_index.shape}")
+  if gt_masks.ndim != 3 or gt_boxes.shape != (gt_masks.shape[0], 4):
+    raise ValueError(f"gt_masks must be [M, Sc, Sc] and gt_boxes [M, 4], got {gt_masks.shape} "
+                     f"and {gt_boxes.shape}")
+  f32 = jnp.float32
+  sg = jax.lax.stop_gradient
+  pred = (sg(mask_probs).astype(f32) > threshold).astype(f32)
+  t = sg(mask_targets).astype(f32)
+  g = sg(gt_boxes).astype(f32)[gt_index]
+  crops = sg(gt_masks).astype(f32)[gt_index]
+  r = sg(rois).astype(f32) + 0.5
+  sy, sx = crops.shape[-2:]
+  ox = _crop_overlaps(g[:, 0], g[:, 2], r[:, 0], r[:, 2], sx)  # [P, Sx]
+  oy = _crop_overlaps(g[:, 1], g[:, 3], r[:, 1], r[:, 3], sy)  # [P, Sy]
+  inside = jnp.einsum("pij,pi,pj->p", crops, oy, ox, precision=jax.lax.Precision.HIGHEST)
+  full = jnp.mean(crops, axis=(1, 2)) * (g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1])
+  ratio = jnp.where(full > 0, jnp.minimum(inside / jnp.where(full > 0, full, 1.0), 1.0), 0.0)
+  full_cells = jnp.sum(t, axis=(1, 2)) / jnp.maximum(ratio, 1e-10)
+  inter = jnp.sum(pred * t, axis=(1, 2))
+  union = jnp.maximum(jnp.sum(pred, axis=(1, 2)) + full_cells - inter, 1.0)
+  return jnp.maximum(inter, 0.0) / union
+
+
 def _resize_rows(dst: Array, out_size: Array, in_size: int) -> Array:
   """Bilinear (align_corners=False) weights that resize `in_size` samples to `out_size`.
 

@@ -1,7 +1,10 @@
 """RoIAlign in pure jax.numpy: single level, FPN multi-level, and batched forms.
 
 Reproduces `torchvision.ops.roi_align` (its CPU kernel, `roi_align_kernel.cpp`) and
-`torchvision.ops.MultiScaleRoIAlign` exactly, with static shapes so that everything jits.
+`torchvision.ops.MultiScaleRoIAlign` exactly, with static shapes so that everything jits. The same
+core serves the other sampled RoI layers of the Mask R-CNN paper's Table 2c: adaptive sampling
+(`sampling_ratio=0`, torchvision's default, with a static cap), "RoIAlign max" (`reduce="max"`)
+and RoIWarp (`roi_warp`: RoIPool's snapped box, sampled bilinearly). RoIPool is in `roi_pool.py`.
 
 Design
 ------
@@ -30,6 +33,13 @@ boxes, 7x7, g = 2, C = 256). On CPU (2 cores, 1000 boxes, 7x7, C = 256, a 200 x 
 `benchmarks/bench_roi_align.py` measures about 0.3x torchvision's forward time and 0.15-0.2x its
 forward + backward time.
 
+The variants change only the plan and the reduction. Adaptive sampling plans `max_samples` samples
+per bin side for every box and gives those beyond the box's own g weight 0 (the cost is that of
+`sampling_ratio=max_samples`: about 10x the default's at the default cap 8). `reduce="max"` forms
+each sample's bilinear value from the same gathered pairs, takes the maximum over the bin's samples
+and keeps the index of the first maximal one per channel for its backward pass, which scatters the
+cotangent to that sample's four pixels only. RoIWarp snaps the boxes to the grid before planning.
+
 Numerics: the sample positions use the kernel's float32 operations in its order, with true
 divisions (XLA would otherwise multiply by a rounded reciprocal) and products rounded before the
 additions they feed (XLA's CPU backend would otherwise fuse them into FMAs; see `_rounded`), so
@@ -51,17 +61,32 @@ from maskrcnn_jax.types import Array
 
 OutputSize = Union[int, Tuple[int, int]]
 
+REDUCES = ("ave", "max")
+# Cap on the samples per bin side of adaptive sampling (`sampling_ratio=0`): with FPN level mapping
+# a box's side on its map is below 28 pixels on every level but the coarsest unless it is elongated,
+# so 7x7 bins need g <= 4, and 8 also covers aspect ratios up to 4 and the coarsest level's boxes
+# up to 56 map pixels (1792 image pixels at stride 32). The cost grows with the cap squared.
+MAX_SAMPLES = 8
+
 # Boxes per step of the forward gather and the backward scatter, by backend. One step's gathered
 # neighbours take chunk * S_h * S_w * 4 g^2 * C * 4 bytes (0.8 MB per box at 7x7, g = 2, C = 256).
 # On CPU, chunks that stay in cache measured fastest (1-2 boxes: 2x faster than 32); accelerators
 # want wide steps instead (a guess, not yet measured: 256).
 _CHUNK = {"cpu": 2}
 _CHUNK_ACCELERATOR = 256
+# One box's gathered bytes in a step of the default RoIAlign (7x7, g = 2, C = 256) that the chunks
+# above were tuned for. The other forms (adaptive, max, RoIWarp, RoIPool) gather more per box and
+# shrink their chunks in proportion; the default RoIAlign keeps them as they are.
+_CHUNK_BOX_BYTES = 7 * 7 * 16 * 256 * 4
 
 
-def _chunk_size(n: int) -> int:
-  """Boxes per scan step for N boxes on the default backend."""
-  return max(1, min(n, _CHUNK.get(jax.default_backend(), _CHUNK_ACCELERATOR)))
+def _chunk_size(n: int, box_bytes: int = None) -> int:
+  """Boxes per scan step for N boxes on the default backend, each gathering `box_bytes` per step
+  (None: the default RoIAlign's chunks)."""
+  chunk = _CHUNK.get(jax.default_backend(), _CHUNK_ACCELERATOR)
+  if box_bytes is not None:
+    chunk = min(chunk, max(1, chunk * _CHUNK_BOX_BYTES // max(int(box_bytes), 1)))
+  return max(1, min(n, chunk))
 
 
 def _pair(output_size: OutputSize) -> Tuple[int, int]:
@@ -75,13 +100,16 @@ def _pair(output_size: OutputSize) -> Tuple[int, int]:
   return size
 
 
-def _check_sampling_ratio(sampling_ratio: int) -> None:
-  """Raises ValueError unless `sampling_ratio` is a static int >= 1."""
-  if not isinstance(sampling_ratio, int) or sampling_ratio < 1:
-    raise ValueError(
-        "sampling_ratio must be an int >= 1; torchvision's adaptive sampling (sampling_ratio <= 0, "
-        "ceil(roi_size / output_size) samples per bin) depends on the box sizes, so its shapes are "
-        f"not static; got {sampling_ratio!r}")
+def _check_sampling(sampling_ratio: int, max_samples: int, reduce: str) -> None:
+  """Raises ValueError unless `sampling_ratio` is a static int >= 0 (0: adaptive),
+  `max_samples` a static int >= 1 and `reduce` one of `REDUCES`."""
+  if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int) or sampling_ratio < 0:
+    raise ValueError("sampling_ratio must be an int >= 1, or 0 for torchvision's adaptive "
+                     f"ceil(roi_size / output_size) samples per bin; got {sampling_ratio!r}")
+  if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+    raise ValueError(f"max_samples must be an int >= 1, got {max_samples!r}")
+  if reduce not in REDUCES:
+    raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
 
 
 def _check_boxes(boxes: Array) -> None:
@@ -95,8 +123,11 @@ class _Plan(NamedTuple):
 
   `rows[n, k]` is the first of the two rows that row-sample k of box n reads, `row_pos[n, k]` the
   sample's clamped y in `[0, H - 1]` and `row_in[n, k]` its weight factor: `1 / g^2`, or 0 when the
-  sample lies outside `[-1, H]`; the same for columns. The bilinear weights of rows
-  `(rows, rows + 1)` are `(1 - f, f)` with `f = clip(row_pos - rows, 0, 1)`. They are derived from
+  sample lies outside `[-1, H]`; the same for columns. (For `reduce="max"` the factor is 1 or 0,
+  and `row_ok` / `col_ok` mark the samples that exist under adaptive sampling, None when all do;
+  for adaptive averages the factor is `1 / count`, and 0 for samples that do not exist.) The
+  bilinear weights of rows `(rows, rows + 1)` are `(1 - f, f)` with `f = clip(row_pos - rows, 0,
+  1)`. They are derived from
   these arrays at the point of use, inside the chunk loop, so that a gather position and its weight
   always come from the same stored `rows` value: XLA may otherwise recompute the sample coordinate
   in two fusions that round differently (one with a fused multiply-add), putting the weight of
@@ -110,6 +141,8 @@ class _Plan(NamedTuple):
   cols: Array  # [N, S_w * g] int32 in [0, max(W - 2, 0)].
   col_pos: Array  # [N, S_w * g] float32 in [0, W - 1].
   col_in: Array  # [N, S_w * g] float32, 0 or 1.
+  row_ok: Array = None  # [N, S_h * g] bool or None (reduce="max" only).
+  col_ok: Array = None  # [N, S_w * g] bool or None (reduce="max" only).
 
 
 def _rounded(x: Array) -> Array:
@@ -127,8 +160,21 @@ def _rounded(x: Array) -> Array:
   return lax.bitcast_convert_type(bits | jnp.isnan(x).astype(jnp.uint32), jnp.float32)
 
 
-def _axis_samples(start: Array, length: Array, extent: Array, bins: int,
-                  grid: int) -> Tuple[Array, Array, Array]:
+def _divisor(like: Array, value: float) -> Array:
+  """`value` in the shape of `like`, opaque to the compiler, so that dividing by it stays a true
+  division (as in the C++ kernels).
+
+  XLA turns a division by a constant, or by a broadcast (which an unbatched divisor becomes under
+  `vmap`), into a multiplication by the rounded reciprocal, which moves sample positions and bin
+  edges by an ulp or more (and so a RoIPool bin edge across an integer). The divisor is built from
+  `like`, so that `vmap` batches it along with the numerator, and passed through an optimization
+  barrier, so that it is not a constant.
+  """
+  return lax.optimization_barrier(jnp.where(jnp.isnan(like), value, value).astype(jnp.float32))
+
+
+def _axis_samples(start: Array, length: Array, extent: Array, bins: int, grid: int,
+                  adaptive: bool = False) -> Tuple[Array, Array, Array, Array]:
   """Sample positions along one axis (rows or columns) of every box, as in torchvision's kernel.
 
   Sample `i` of bin `p` sits at `(start + p * bin) + ((i + 0.5) * bin) / grid` with
@@ -136,41 +182,76 @@ def _axis_samples(start: Array, length: Array, extent: Array, bins: int,
   `[-1, extent]` contributes nothing; otherwise it is clamped to `[0, extent - 1]` (the kernel's
   `y <= 0 -> 0` and `y_low >= H - 1 -> y = H - 1`) and split between two neighbouring pixels.
 
+  Adaptive (`sampling_ratio=0`): each box has its own `g = min(ceil(bin), grid)` samples per bin
+  (torchvision's `roi_bin_grid = ceil(roi_size / S)`, capped), placed with that g; samples
+  `i >= g` of the static `grid` exist only as padding.
+
   Args:
     start: [N] float32 box start in feature-map pixels (x1 or y1 times the scale, minus the offset).
     length: [N] float32 box extent in feature-map pixels (already at least 1 when not aligned).
     extent: [N] int32 size of the box's feature map along this axis (W or H), >= 1.
     bins: S, number of output bins along this axis (static).
     grid: g, samples per bin along this axis (static).
+    adaptive: whether `grid` is the cap of adaptive sampling rather than g itself (static).
 
   Returns:
     first: [N, S * g] int32 first of the two pixels each sample reads, in `[0, max(extent - 2, 0)]`,
       so that `first + 1` lies in the map whenever `extent >= 2`.
     pos: [N, S * g] float32 clamped sample position in `[0, extent - 1]`.
     inside: [N, S * g] bool, whether the sample lies in `[-1, extent]`.
+    count: [N] float32 samples per bin of each box (in `[0, grid]`) when `adaptive`, else None.
+    exists: [N, S * g] bool, whether sample `i < count` when `adaptive`, else None.
   """
   n = start.shape[0]
-  # True divisions, as in the kernel: XLA turns a division by a broadcast constant into a
-  # multiplication by its rounded reciprocal, which moves samples by an ulp or more.
-  bins_, grid_ = lax.optimization_barrier(
-      (jnp.full((n,), bins, jnp.float32), jnp.full((n, 1, grid), grid, jnp.float32)))
-  bin_size = length / bins_
+  # True divisions, as in the kernel (see `_divisor`).
+  bin_size = length / _divisor(length, bins)
   p = jnp.arange(bins, dtype=jnp.float32)[None, :, None]
   i = jnp.arange(grid, dtype=jnp.float32)[None, None, :]
-  coord = (start[:, None, None] + _rounded(p * bin_size[:, None, None])) + (
-      (i + 0.5) * bin_size[:, None, None]) / grid_
+  step = (i + 0.5) * bin_size[:, None, None]  # [N, 1, g]
+  count = exists = None
+  if adaptive:
+    # ceil of the same float32 quotient as the kernel's `ceil(roi_height / pooled_height)`; 0 for
+    # empty (aligned) or inverted boxes, whose bins then average nothing.
+    count = jnp.clip(jnp.ceil(bin_size), 0.0, float(grid))
+    count = jnp.where(jnp.isnan(count), 0.0, count)
+    step = step / jnp.maximum(count, 1.0)[:, None, None]  # Data-dependent: a true division.
+    exists = jnp.broadcast_to(i < count[:, None, None], (n, bins, grid)).reshape(n, bins * grid)
+  else:
+    step = step / _divisor(step, grid)
+  coord = (start[:, None, None] + _rounded(p * bin_size[:, None, None])) + step
   coord = coord.reshape(n, bins * grid)
   size = extent.astype(jnp.float32)[:, None]
   inside = (coord >= -1.0) & (coord <= size)
   last = (extent - 1)[:, None]
   pos = jnp.clip(coord, 0.0, last.astype(jnp.float32))
   first = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, jnp.maximum(last - 1, 0))
-  return first, pos, inside
+  return first, pos, inside, count, exists
+
+
+def _quantize_boxes(boxes: Array, scale: Array) -> Tuple[Array, Array]:
+  """Boxes snapped to the feature grid as torchvision's RoIPool kernel snaps them.
+
+  `start = round(x1 * scale)`, `end = round(x2 * scale)` (C++ `std::round`: halves away from zero,
+  not to even), `size = max(end - start + 1, 1)`: the box covers pixels `start .. start + size - 1`.
+
+  Args:
+    boxes: [N, 4] float32 (x1, y1, x2, y2) input pixels.
+    scale: [N] float32 spatial scale of each box's feature map.
+
+  Returns:
+    start: [N, 2] int32 (x, y) first pixel.
+    size: [N, 2] int32 (w, h) >= 1 pixels covered.
+  """
+  scaled = lax.round(_rounded(boxes * scale[:, None]), lax.RoundingMethod.AWAY_FROM_ZERO)
+  scaled = scaled.astype(jnp.int32)
+  start = scaled[:, :2]
+  return start, jnp.maximum(scaled[:, 2:] - start + 1, 1)
 
 
 def _sampling_plan(boxes: Array, scale: Array, height: Array, width: Array,
                    offset: Array, size: Tuple[int, int], sampling_ratio: int,
-                   aligned: bool, stride: Array = None) -> _Plan:
+                   aligned: bool, stride: Array = None, *, max_samples: int = MAX_SAMPLES,
+                   reduce: str = "ave", quantize: bool = False) -> _Plan:
   """Per-axis sample positions of every box (see `_Plan`).
 
   Args:
@@ -181,28 +262,47 @@ def _sampling_plan(boxes: Array, scale: Array, height: Array, width: Array,
       `stride` is given).
     offset: [N] int32 flat position of pixel (0, 0) of each box's feature map.
     size: (S_h, S_w) output size (static).
-    sampling_ratio: g >= 1 samples per bin along each axis (static).
+    sampling_ratio: g >= 1 samples per bin along each axis, or 0: adaptive (static).
     aligned: whether to shift the box by -0.5 pixel (torchvision's `aligned=True`).
     stride: [N] int32 row stride in the flat array when the map's valid `width` is smaller than
       its stored width (bucketed canvases), else None.
+    max_samples: the cap on adaptive samples per bin side, the plan's g when `sampling_ratio=0`.
+    reduce: "ave" (weights fold in the 1 / count of the mean) or "max" (weights 1 or 0).
+    quantize: snap the boxes to the grid first (RoIWarp, `_quantize_boxes`); `aligned` must be
+      False then.
 
   Returns:
     The `_Plan` of the N boxes.
   """
   boxes = lax.stop_gradient(boxes.astype(jnp.float32))
-  shift = 0.5 if aligned else 0.0
-  x1, y1, x2, y2 = jnp.moveaxis(_rounded(boxes * scale[:, None]) - shift, -1, 0)
-  roi_w = x2 - x1
-  roi_h = y2 - y1
-  if not aligned:  # The legacy mode forces malformed boxes to be at least 1x1.
-    roi_w = jnp.maximum(roi_w, 1.0)
-    roi_h = jnp.maximum(roi_h, 1.0)
-  rows, row_pos, row_in = _axis_samples(y1, roi_h, height, size[0], sampling_ratio)
-  cols, col_pos, col_in = _axis_samples(x1, roi_w, width, size[1], sampling_ratio)
+  if quantize:
+    start, length = _quantize_boxes(boxes, scale)
+    x1, y1 = jnp.moveaxis(start.astype(jnp.float32), -1, 0)
+    roi_w, roi_h = jnp.moveaxis(length.astype(jnp.float32), -1, 0)
+  else:
+    shift = 0.5 if aligned else 0.0
+    x1, y1, x2, y2 = jnp.moveaxis(_rounded(boxes * scale[:, None]) - shift, -1, 0)
+    roi_w = x2 - x1
+    roi_h = y2 - y1
+    if not aligned:  # The legacy mode forces malformed boxes to be at least 1x1.
+      roi_w = jnp.maximum(roi_w, 1.0)
+      roi_h = jnp.maximum(roi_h, 1.0)
+  adaptive = sampling_ratio == 0
+  grid = max_samples if adaptive else sampling_ratio
+  rows, row_pos, row_in, row_n, row_ok = _axis_samples(y1, roi_h, height, size[0], grid, adaptive)
+  cols, col_pos, col_in, col_n, col_ok = _axis_samples(x1, roi_w, width, size[1], grid, adaptive)
+  stride = width if stride is None else stride
+  if reduce == "max":  # A sample outside the map is 0 and takes part; padding samples do not.
+    return _Plan(offset, stride, rows, row_pos, row_in.astype(jnp.float32), cols, col_pos,
+                 col_in.astype(jnp.float32), row_ok, col_ok)
+  if adaptive:  # The kernel's count = max(g_h * g_w, 1); padding samples weigh 0.
+    weight = 1.0 / jnp.maximum(row_n * col_n, 1.0)
+    row_in = jnp.where(row_in & row_ok, weight[:, None], 0.0).astype(jnp.float32)
+    return _Plan(offset, stride, rows, row_pos, row_in, cols, col_pos,
+                 (col_in & col_ok).astype(jnp.float32))
   # The kernel divides each bin's sum by the sample count g^2; fold that into the row weights.
   row_in = jnp.where(row_in, 1.0 / (sampling_ratio * sampling_ratio), 0.0).astype(jnp.float32)
-  return _Plan(offset, width if stride is None else stride, rows, row_pos, row_in, cols, col_pos,
-               col_in.astype(jnp.float32))
+  return _Plan(offset, stride, rows, row_pos, row_in, cols, col_pos, col_in.astype(jnp.float32))
 
 
 def _pair_weights(first: Array, pos: Array, factor: Array) -> Array:
@@ -325,16 +425,122 @@ def _pool_flat_bwd(size, grid, chunk, residuals, cotangent):
 _pool_flat_vjp.defvjp(_pool_flat_fwd, _pool_flat_bwd)
 
 
-def _pool_flat(flat: Array, plan: _Plan, size: Tuple[int, int], grid: int) -> Array:
+def _sample_ok(plan: _Plan, size: Tuple[int, int], grid: int) -> Array:
+  """[b * S_h * S_w, g * g] bool: which samples of each bin exist (adaptive), or None (all do)."""
+  if plan.row_ok is None:
+    return None
+  s_h, s_w = size
+  b = plan.rows.shape[0]
+  ok = plan.row_ok.reshape(b, s_h, 1, grid, 1) & plan.col_ok.reshape(b, 1, s_w, 1, grid)
+  return ok.reshape(b * s_h * s_w, grid * grid)
+
+
+def _max_forward(flat: Array, plan: _Plan, size: Tuple[int, int], grid: int,
+                 chunk: int) -> Tuple[Array, Array]:
+  """Forward of `_pool_flat(reduce="max")`, scanning over chunks of boxes.
+
+  Returns:
+    out: [N, S_h, S_w, C] float32 maximum over each bin's existing samples (0 if none exists).
+    best: [N, S_h, S_w, C] uint8 (int32 beyond 256 samples) index `i * g + j` of the first sample
+      holding the maximum, per channel.
+  """
+  n = plan.rows.shape[0]
+  s_h, s_w = size
+  positions, channels = flat.shape
+  chunks = -(-n // chunk)
+  samples = grid * grid
+  bins = chunk * s_h * s_w
+  index_dtype = jnp.uint8 if samples <= 256 else jnp.int32
+
+  def body(_, plan_chunk):
+    starts, weights = _expand(plan_chunk, size, grid)
+    starts = jnp.minimum(starts, positions - 2)
+    values = lax.gather(flat, starts[..., None], _PAIR_GATHER, (2, channels),
+                        mode="promise_in_bounds")  # [b, S_h, S_w, 2 g^2, 2, C]
+    values = values.reshape(bins, samples, 4, channels).astype(jnp.float32)
+    # Each sample's bilinear value, as the kernel forms it: w1 v1 + w2 v2 + w3 v3 + w4 v4.
+    value = jnp.sum(weights.reshape(bins, samples, 4, 1) * values, axis=2)  # [bins, g^2, C]
+    ok = _sample_ok(plan_chunk, size, grid)
+    if ok is not None:
+      value = jnp.where(ok[..., None], value, -jnp.inf)
+    out = jnp.max(value, axis=1)
+    if ok is not None:
+      out = jnp.where(jnp.any(ok, axis=1)[:, None], out, 0.0)
+    best = jnp.argmax(value, axis=1).astype(index_dtype)  # The first maximum.
+    return None, (out.reshape(chunk, s_h, s_w, channels), best.reshape(chunk, s_h, s_w, channels))
+
+  _, (out, best) = lax.scan(body, None,
+                            jax.tree.map(lambda a: _chunked(a, chunks, chunk), plan))
+  shape = (chunks * chunk, s_h, s_w, channels)
+  return out.reshape(shape)[:n], best.reshape(shape)[:n]
+
+
+def _max_backward(positions: int, plan: _Plan, best: Array, cotangent: Array,
+                  size: Tuple[int, int], grid: int, chunk: int) -> Array:
+  """Backward of `_pool_flat(reduce="max")`: each bin's cotangent goes to its first maximal sample
+  (per channel) and from there to that sample's four pixels with the bilinear weights."""
+  n = plan.rows.shape[0]
+  s_h, s_w = size
+  channels = cotangent.shape[-1]
+  chunks = -(-n // chunk)
+  samples = grid * grid
+  bins = chunk * s_h * s_w
+  xs = jax.tree.map(lambda a: _chunked(a, chunks, chunk), (plan, best, cotangent))
+
+  def body(grad, x):
+    plan_chunk, best_chunk, ct = x
+    starts, weights = _expand(plan_chunk, size, grid)
+    starts = jnp.minimum(starts, positions - 2)
+    pick = best_chunk.astype(jnp.int32).reshape(bins, 1, channels) == jnp.arange(
+        samples, dtype=jnp.int32)[None, :, None]  # [bins, g^2, C]
+    ok = _sample_ok(plan_chunk, size, grid)
+    if ok is not None:  # A bin without samples is 0 and has no gradient.
+      pick &= jnp.any(ok, axis=1)[:, None, None]
+    ct = jnp.where(pick, ct.astype(jnp.float32).reshape(bins, 1, channels), 0.0)
+    updates = ct[:, :, None, :] * weights.reshape(bins, samples, 4, 1)  # [bins, g^2, 4, C]
+    updates = updates.reshape(chunk, s_h, s_w, 2 * samples, 2, channels)
+    return lax.scatter_add(grad, starts[..., None], updates, _PAIR_SCATTER,
+                           mode="promise_in_bounds"), None
+
+  grad, _ = lax.scan(body, jnp.zeros((positions, channels), jnp.float32), xs)
+  return grad
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _pool_flat_max_vjp(flat, plan, size, grid, chunk):
+  """`_pool_flat(reduce="max")` with a scatter-add backward to the first maxima."""
+  return _max_forward(flat, plan, size, grid, chunk)[0].astype(flat.dtype)
+
+
+def _pool_flat_max_fwd(flat, plan, size, grid, chunk):
+  out, best = _max_forward(flat, plan, size, grid, chunk)
+  return out.astype(flat.dtype), (jnp.zeros((flat.shape[0], 0), flat.dtype), plan, best)
+
+
+def _pool_flat_max_bwd(size, grid, chunk, residuals, cotangent):
+  like, plan, best = residuals
+  grad = _max_backward(like.shape[0], plan, best, cotangent, size, grid, chunk)
+  return grad.astype(like.dtype), None  # The plan comes from the boxes: a constant.
+
+
+_pool_flat_max_vjp.defvjp(_pool_flat_max_fwd, _pool_flat_max_bwd)
+
+
+def _pool_flat(flat: Array, plan: _Plan, size: Tuple[int, int], grid: int,
+               reduce: str = "ave", adaptive: bool = False) -> Array:
   """Bilinear RoI pooling from a flat feature array; differentiable w.r.t. `flat` only.
 
   Args:
     flat: [P, C] features (any float dtype), one or more maps flattened row-major and concatenated,
       P >= 2. Every pair `(start, start + 1)` that `_expand` names, top and bottom, must lie inside
       it (the callers pad maps of height or width 1).
-    plan: `_Plan` of the N boxes (not differentiated).
+    plan: `_Plan` of the N boxes (not differentiated), made for this `reduce`.
     size: (S_h, S_w) output size (static).
-    grid: g samples per bin along each axis (static).
+    grid: g samples per bin along each axis (static; the cap for adaptive plans).
+    reduce: "ave": the weighted sum (the mean: the weights hold 1 / count); "max": the maximum over
+      each bin's samples, the gradient going to the first maximum.
+    adaptive: whether the plan is adaptive (only the chunk size depends on it: the default
+      RoIAlign's chunks stay as they were tuned).
 
   Returns:
     [N, S_h, S_w, C] pooled features in `flat`'s dtype, accumulated in float32.
@@ -342,30 +548,45 @@ def _pool_flat(flat: Array, plan: _Plan, size: Tuple[int, int], grid: int) -> Ar
   n = plan.rows.shape[0]
   if n == 0:
     return jnp.zeros((0,) + tuple(size) + (flat.shape[-1],), flat.dtype)
-  return _pool_flat_vjp(flat, plan, tuple(size), grid, _chunk_size(n))
+  box_bytes = None
+  if reduce == "max" or adaptive:
+    box_bytes = size[0] * size[1] * 4 * grid * grid * flat.shape[-1] * 4
+  chunk = _chunk_size(n, box_bytes)
+  if reduce == "max":
+    return _pool_flat_max_vjp(flat, plan, tuple(size), grid, chunk)
+  return _pool_flat_vjp(flat, plan, tuple(size), grid, chunk)
 
 
-def _pool_levels(features: Sequence[Array], boxes: Array, size: Tuple[int, int],
-                 scales: Sequence[float], sampling_ratio: int, aligned: bool,
-                 canonical_scale: float, canonical_level: int, eps: float,
-                 extents: Array = None) -> Array:
-  """The one implementation behind all four public forms (their arguments already checked).
+class _BoxMaps(NamedTuple):
+  """Where the map each box reads lies in the flat array of all maps (see `_flatten_maps`)."""
+  scale: Array  # [N] float32 spatial scale of the box's map.
+  height: Array  # [N] int32 valid height of the box's map.
+  width: Array  # [N] int32 valid width of the box's map.
+  offset: Array  # [N] int32 flat position of the map's pixel (0, 0).
+  stride: Array  # [N] int32 row stride when `extents` narrow the maps, else None (= width).
 
-  The batch is handled like the levels: all `B * L` maps go into one flat array and every box
-  carries the offset of its own image's map at its own level, so a batch costs no more than the
-  same number of boxes of one image (a `vmap` would batch the gathers and scatters instead).
+
+def _flatten_maps(features: Sequence[Array], boxes: Array, scales: Sequence[float],
+                  canonical_scale: float, canonical_level: int, eps: float,
+                  extents: Array = None, pad: bool = True) -> Tuple[Array, Array, _BoxMaps]:
+  """All `B * L` maps as one flat array, and where each box's map lies in it.
+
+  The batch is handled like the levels: every box carries the offset of its own image's map at its
+  own level (from `map_roi_levels`), so a batch costs no more than the same number of boxes of one
+  image (a `vmap` would batch the gathers and scatters instead).
 
   Args:
     features: L maps `[B, H_l, W_l, C]`, finest first, one dtype.
     boxes: [B, N, 4] float32 (x1, y1, x2, y2) input pixels.
-    size: (S_h, S_w).
-    scales, sampling_ratio, aligned, canonical_scale, canonical_level, eps: as in
-      `multilevel_roi_align`.
+    scales, canonical_scale, canonical_level, eps: as in `multilevel_roi_align`.
     extents: [B, L, 2] int32 valid (height, width) of each image's map per level, or None (the
       whole stored map is valid).
+    pad: append zero rows when a map has height or width 1 (for the bilinear pairs).
 
   Returns:
-    [B, N, S_h, S_w, C] in the maps' dtype.
+    flat: [P, C] the maps flattened row-major and concatenated (level-major, then image).
+    boxes: [B * N, 4] the boxes, image-major.
+    maps: `_BoxMaps` of the B * N boxes.
   """
   batch, n = boxes.shape[:2]
   channels = features[0].shape[-1]
@@ -375,7 +596,7 @@ def _pool_levels(features: Sequence[Array], boxes: Array, size: Tuple[int, int],
   for h, w in zip(heights, widths):
     offsets.append(offsets[-1] + batch * h * w)
   flat = [f.reshape(-1, channels) for f in features]
-  if min(heights + widths) == 1:
+  if pad and min(heights + widths) == 1:
     # A sample on a map of height or width 1 also names the next row or column, with weight 0;
     # zero rows keep that read inside the array.
     flat.append(jnp.zeros((max(widths) + 1, channels), features[0].dtype))
@@ -400,9 +621,38 @@ def _pool_levels(features: Sequence[Array], boxes: Array, size: Tuple[int, int],
     ext = jnp.asarray(extents, jnp.int32)[image, level]
     height = jnp.minimum(ext[:, 0], height)
     width = jnp.minimum(ext[:, 1], width)
-  plan = _sampling_plan(boxes, per_box(scales, jnp.float32), height, width, offset, size,
-                        sampling_ratio, aligned, stride)
-  out = _pool_flat(flat, plan, size, sampling_ratio)
+  return flat, boxes, _BoxMaps(per_box(scales, jnp.float32), height, width, offset, stride)
+
+
+def _pool_levels(features: Sequence[Array], boxes: Array, size: Tuple[int, int],
+                 scales: Sequence[float], sampling_ratio: int, aligned: bool,
+                 canonical_scale: float, canonical_level: int, eps: float,
+                 extents: Array = None, *, reduce: str = "ave", max_samples: int = MAX_SAMPLES,
+                 quantize: bool = False) -> Array:
+  """The one implementation behind all the RoIAlign and RoIWarp forms (arguments already checked).
+
+  Args:
+    features: L maps `[B, H_l, W_l, C]`, finest first, one dtype.
+    boxes: [B, N, 4] float32 (x1, y1, x2, y2) input pixels.
+    size: (S_h, S_w).
+    scales, sampling_ratio, aligned, canonical_scale, canonical_level, eps: as in
+      `multilevel_roi_align`.
+    extents: [B, L, 2] int32 valid (height, width) of each image's map per level, or None (the
+      whole stored map is valid).
+    reduce, max_samples: as in `roi_align`.
+    quantize: RoIWarp's snapping of the boxes to the grid (see `roi_warp`).
+
+  Returns:
+    [B, N, S_h, S_w, C] in the maps' dtype.
+  """
+  batch, n = boxes.shape[:2]
+  flat, boxes, maps = _flatten_maps(features, boxes, scales, canonical_scale, canonical_level, eps,
+                                    extents)
+  plan = _sampling_plan(boxes, maps.scale, maps.height, maps.width, maps.offset, size,
+                        sampling_ratio, aligned, maps.stride, max_samples=max_samples,
+                        reduce=reduce, quantize=quantize)
+  adaptive = sampling_ratio == 0
+  out = _pool_flat(flat, plan, size, max_samples if adaptive else sampling_ratio, reduce, adaptive)
   return out.reshape((batch, n) + out.shape[1:])
 
 
@@ -430,7 +680,8 @@ def _check_levels(features: Sequence[Array], scales: Sequence[float], rank: int)
 
 def roi_align(features: Array, boxes: Array, output_size: OutputSize,
               spatial_scale: float = 1.0, sampling_ratio: int = 2,
-              aligned: bool = False) -> Array:
+              aligned: bool = False, *, reduce: str = "ave",
+              max_samples: int = MAX_SAMPLES) -> Array:
   """RoIAlign on one image's feature map, equal to `torchvision.ops.roi_align`.
 
   Each box is split into S_h x S_w bins; each bin averages g x g bilinear samples placed at
@@ -445,9 +696,21 @@ def roi_align(features: Array, boxes: Array, output_size: OutputSize,
   kernel's operation by operation (no fused multiply-adds, true divisions), so results agree to
   float32 round-off in the final sums.
 
-  Only a static `sampling_ratio >= 1` is supported: torchvision's adaptive default
-  (`sampling_ratio <= 0`, `ceil(box_size / output_size)` samples per bin) makes the number of
-  samples depend on the box values, which static shapes cannot express.
+  Adaptive sampling, `sampling_ratio=0` (torchvision's default): each box has its own
+  `g_h = ceil(roi_h / S_h)`, `g_w = ceil(roi_w / S_w)` samples per bin side and divides by
+  `max(g_h * g_w, 1)`, as torchvision does. Shapes stay static: every box carries `max_samples`
+  samples per side and those with `i >= g` weigh 0, so the cost is that of
+  `sampling_ratio=max_samples`. Equal to torchvision for boxes with `g_h, g_w <= max_samples`
+  (with the default 8 and 7x7 bins: sides up to 56 map pixels); beyond it g is clamped to
+  `max_samples` (that axis is sampled as with `sampling_ratio=max_samples`, positions and count
+  alike), which differs from torchvision.
+
+  `reduce="max"` (the Mask R-CNN paper's "RoIAlign max", Table 2c): each bin takes the maximum of
+  its samples instead of their mean, with the same sample positions and border rules (a sample
+  outside `[-1, H] x [-1, W]` has value 0 and takes part in the maximum; with adaptive sampling the
+  padding samples `i >= g` do not, and a bin without samples is 0). The gradient goes to the first
+  maximal sample in (row, column) order, per channel, and from it to its four pixels with the
+  bilinear weights.
 
   Differentiable w.r.t. `features` (custom VJP: a float32 scatter-add of the same weights); the
   boxes are treated as constants (their gradient is zero), as in torchvision.
@@ -457,19 +720,23 @@ def roi_align(features: Array, boxes: Array, output_size: OutputSize,
     boxes: [N, 4] float32 (x1, y1, x2, y2) in input pixels (before `spatial_scale`).
     output_size: S or (S_h, S_w), the crop size.
     spatial_scale: feature-map pixels per input pixel, e.g. 0.25 for a stride-4 map.
-    sampling_ratio: g >= 1 samples per bin along each axis.
+    sampling_ratio: g >= 1 samples per bin along each axis, or 0: adaptive (see above).
     aligned: use the pixel-centre convention (subtract 0.5 after scaling), as in Detectron2.
+    reduce: "ave" (RoIAlign) or "max" (RoIAlign max).
+    max_samples: the cap on adaptive samples per bin side (static; used when `sampling_ratio=0`).
 
   Returns:
     [N, S_h, S_w, C] pooled features in `features`' dtype (accumulated in float32).
 
   Raises:
-    ValueError: for `sampling_ratio < 1`, a bad `output_size`, or inputs of the wrong rank.
+    ValueError: for `sampling_ratio < 0`, `max_samples < 1`, an unknown `reduce`, a bad
+      `output_size`, or inputs of the wrong rank.
   """
   if features.ndim != 3:
     raise ValueError(f"features must be [H, W, C], got shape {features.shape}")
   return multilevel_roi_align([features], boxes, output_size, [spatial_scale],
-                              sampling_ratio=sampling_ratio, aligned=aligned)
+                              sampling_ratio=sampling_ratio, aligned=aligned, reduce=reduce,
+                              max_samples=max_samples)
 
 
 def map_roi_levels(boxes: Array, k_min: int, k_max: int, canonical_scale: float = 224,
@@ -495,8 +762,8 @@ def map_roi_levels(boxes: Array, k_min: int, k_max: int, canonical_scale: float 
   boxes = boxes.astype(jnp.float32)
   area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
   s = jnp.sqrt(area)
-  # A true division (see `_axis_samples`): 1 / 224 rounded would move boxes at level boundaries.
-  scale = lax.optimization_barrier(jnp.full(s.shape, canonical_scale, jnp.float32))
+  # A true division (see `_divisor`): 1 / 224 rounded would move boxes at level boundaries.
+  scale = _divisor(s, canonical_scale)
   level = jnp.floor(canonical_level + jnp.log2(s / scale) + jnp.float32(eps))
   level = jnp.where(jnp.isnan(level), k_min, level)
   level = jnp.clip(level, k_min, k_max)
@@ -512,7 +779,8 @@ def multilevel_roi_align(features: Sequence[Array], boxes: Array,
                          output_size: OutputSize, scales: Sequence[float],
                          sampling_ratio: int = 2, aligned: bool = False,
                          canonical_scale: float = 224, canonical_level: int = 4,
-                         eps: float = 1e-6) -> Array:
+                         eps: float = 1e-6, *, reduce: str = "ave",
+                         max_samples: int = MAX_SAMPLES) -> Array:
   """FPN RoIAlign: each box pooled from one level, equal to `torchvision.ops.MultiScaleRoIAlign`.
 
   The level comes from `map_roi_levels` with `k_min = -log2(scales[0])` and
@@ -530,30 +798,34 @@ def multilevel_roi_align(features: Sequence[Array], boxes: Array,
     boxes: [N, 4] float32 (x1, y1, x2, y2) input pixels.
     output_size: S or (S_h, S_w).
     scales: L spatial scales (Python floats), e.g. (1/4, 1/8, 1/16, 1/32).
-    sampling_ratio: g >= 1 samples per bin along each axis.
+    sampling_ratio: g >= 1 samples per bin along each axis, or 0: adaptive (see `roi_align`).
     aligned: torchvision's `aligned` (MultiScaleRoIAlign itself always uses False).
     canonical_scale, canonical_level, eps: see `map_roi_levels`.
+    reduce, max_samples: as in `roi_align`.
 
   Returns:
     [N, S_h, S_w, C] pooled features in the maps' dtype (accumulated in float32).
 
   Raises:
-    ValueError: for `sampling_ratio < 1`, a bad `output_size`, maps and scales that do not match
-      (one scale per map, consecutive levels), or inputs of the wrong rank.
+    ValueError: for `sampling_ratio < 0`, `max_samples < 1`, an unknown `reduce`, a bad
+      `output_size`, maps and scales that do not match (one scale per map, consecutive levels), or
+      inputs of the wrong rank.
   """
   size = _pair(output_size)
-  _check_sampling_ratio(sampling_ratio)
+  _check_sampling(sampling_ratio, max_samples, reduce)
   features, scales = list(features), [float(s) for s in scales]
   _check_levels(features, scales, rank=3)
   _check_boxes(boxes)
   out = _pool_levels([f[None] for f in features], boxes.astype(jnp.float32)[None], size, scales,
-                     sampling_ratio, aligned, canonical_scale, canonical_level, eps)
+                     sampling_ratio, aligned, canonical_scale, canonical_level, eps,
+                     reduce=reduce, max_samples=max_samples)
   return out[0]
 
 
 def roi_align_batched(features: Array, boxes: Array, output_size: OutputSize,
                       spatial_scale: float = 1.0, sampling_ratio: int = 2,
-                      aligned: bool = False) -> Array:
+                      aligned: bool = False, *, reduce: str = "ave",
+                      max_samples: int = MAX_SAMPLES) -> Array:
   """`roi_align` over a batch: image b's boxes read only image b's map.
 
   Equal to `jax.vmap(roi_align)` over the leading axis, but implemented by flattening the batch
@@ -563,7 +835,7 @@ def roi_align_batched(features: Array, boxes: Array, output_size: OutputSize,
     features: [B, H, W, C] feature maps (NHWC), any float dtype.
     boxes: [B, N, 4] float32 (x1, y1, x2, y2) input pixels; padding rows may hold anything finite
       (mask their outputs with the caller's `valid`).
-    output_size, spatial_scale, sampling_ratio, aligned: as in `roi_align`.
+    output_size, spatial_scale, sampling_ratio, aligned, reduce, max_samples: as in `roi_align`.
 
   Returns:
     [B, N, S_h, S_w, C] pooled features in `features`' dtype.
@@ -574,14 +846,16 @@ def roi_align_batched(features: Array, boxes: Array, output_size: OutputSize,
   if features.ndim != 4:
     raise ValueError(f"features must be [B, H, W, C], got shape {features.shape}")
   return multilevel_roi_align_batched([features], boxes, output_size, [spatial_scale],
-                                      sampling_ratio=sampling_ratio, aligned=aligned)
+                                      sampling_ratio=sampling_ratio, aligned=aligned,
+                                      reduce=reduce, max_samples=max_samples)
 
 
 def multilevel_roi_align_batched(features: Sequence[Array], boxes: Array,
                                  output_size: OutputSize, scales: Sequence[float],
                                  sampling_ratio: int = 2, aligned: bool = False,
                                  canonical_scale: float = 224, canonical_level: int = 4,
-                                 eps: float = 1e-6, extents: Array = None) -> Array:
+                                 eps: float = 1e-6, extents: Array = None, *,
+                                 reduce: str = "ave", max_samples: int = MAX_SAMPLES) -> Array:
   """`multilevel_roi_align` over a batch: image b's boxes read only image b's maps.
 
   Equal to `jax.vmap(multilevel_roi_align)` over the leading axis (see `roi_align_batched`).
@@ -594,6 +868,7 @@ def multilevel_roi_align_batched(features: Sequence[Array], boxes: Array,
     extents: optional [B, L, 2] int32 (h, w) <= (H_l, W_l): each image's maps are treated as if
       only their top-left `h x w` existed (the kernel's border rules apply there), which is what
       an image padded less than the batch canvas saw in torchvision. None: the whole maps.
+    reduce, max_samples: as in `roi_align`.
 
   Returns:
     [B, N, S_h, S_w, C] pooled features in the maps' dtype.
@@ -602,8 +877,17 @@ def multilevel_roi_align_batched(features: Sequence[Array], boxes: Array,
     ValueError: as `multilevel_roi_align`, or if the batch sizes differ.
   """
   size = _pair(output_size)
-  _check_sampling_ratio(sampling_ratio)
+  _check_sampling(sampling_ratio, max_samples, reduce)
   features, scales = list(features), [float(s) for s in scales]
+  _check_batched(features, scales, boxes, extents)
+  return _pool_levels(features, boxes.astype(jnp.float32), size, scales, sampling_ratio, aligned,
+                      canonical_scale, canonical_level, eps, extents, reduce=reduce,
+                      max_samples=max_samples)
+
+
+def _check_batched(features: Sequence[Array], scales: Sequence[float], boxes: Array,
+                   extents: Array) -> None:
+  """Raises ValueError unless the batched forms' maps, boxes and extents agree."""
   _check_levels(features, scales, rank=4)
   if boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != features[0].shape[0]:
     raise ValueError(f"boxes must be [B, N, 4] with the maps' B = {features[0].shape[0]}, got "
@@ -611,5 +895,75 @@ def multilevel_roi_align_batched(features: Sequence[Array], boxes: Array,
   if extents is not None and jnp.shape(extents) != (boxes.shape[0], len(features), 2):
     raise ValueError(f"extents must be [B, L, 2] = [{boxes.shape[0]}, {len(features)}, 2], got "
                      f"shape {jnp.shape(extents)}")
-  return _pool_levels(features, boxes.astype(jnp.float32), size, scales, sampling_ratio, aligned,
-                      canonical_scale, canonical_level, eps, extents)
+
+
+def roi_warp(features: Array, boxes: Array, output_size: OutputSize,
+             spatial_scale: float = 1.0, sampling_ratio: int = 2, *, reduce: str = "ave",
+             max_samples: int = MAX_SAMPLES) -> Array:
+  """RoIWarp (Mask R-CNN paper, Table 2c): RoIPool's quantized box, sampled bilinearly.
+
+  Definition: the box is first snapped to the feature grid exactly as `roi_pool` snaps it,
+  `x0 = round(x1 * spatial_scale)`, `x_end = round(x2 * spatial_scale)` (halves away from zero),
+  `w = max(x_end - x0 + 1, 1)` (the box covers pixels `x0 .. x_end`), and the same for y. Then the
+  box `[x0, x0 + w) x [y0, y0 + h)` in map pixels is pooled exactly as `roi_align` with
+  `aligned=False` pools a box: `S_h x S_w` bins of size `h / S_h x w / S_w`, g x g bilinear
+  samples per bin at `y0 + (p + (i + 0.5) / g) * h / S_h` (the same for x), a sample outside
+  `[-1, H] x [-1, W]` having value 0, others clamped into the map; the bin is the mean of its
+  samples (`reduce="ave"`) or their maximum (`reduce="max"`, the gradient going to the first
+  maximal sample). Adaptive sampling (`sampling_ratio=0`) uses `g = ceil(h / S_h)` (and
+  `ceil(w / S_w)`) of the quantized box, capped at `max_samples` as in `roi_align`.
+
+  Differentiable w.r.t. `features`; the boxes are constants.
+
+  Args:
+    features: [H, W, C] one image's feature map; any float dtype.
+    boxes: [N, 4] float32 (x1, y1, x2, y2) input pixels (before `spatial_scale`).
+    output_size: S or (S_h, S_w).
+    spatial_scale: feature-map pixels per input pixel.
+    sampling_ratio: g >= 1 samples per bin side, or 0: adaptive.
+    reduce: "ave" or "max".
+    max_samples: the cap on adaptive samples per bin side (static).
+
+  Returns:
+    [N, S_h, S_w, C] in `features`' dtype (accumulated in float32).
+
+  Raises:
+    ValueError: as `roi_align`.
+  """
+  if features.ndim != 3:
+    raise ValueError(f"features must be [H, W, C], got shape {features.shape}")
+  _check_boxes(boxes)
+  return multilevel_roi_warp_batched([features[None]], boxes[None], output_size, [spatial_scale],
+                                     sampling_ratio, reduce=reduce, max_samples=max_samples)[0]
+
+
+def multilevel_roi_warp_batched(features: Sequence[Array], boxes: Array,
+                                output_size: OutputSize, scales: Sequence[float],
+                                sampling_ratio: int = 2, canonical_scale: float = 224,
+                                canonical_level: int = 4, eps: float = 1e-6,
+                                extents: Array = None, *, reduce: str = "ave",
+                                max_samples: int = MAX_SAMPLES) -> Array:
+  """`roi_warp` with FPN levels over a batch, as `multilevel_roi_align_batched` is `roi_align`.
+
+  Each box reads the level `map_roi_levels` gives its (unquantized) box, of its own image.
+
+  Args:
+    features: L maps `[B, H_l, W_l, C]`, finest first.
+    boxes: [B, N, 4] float32 (x1, y1, x2, y2) input pixels.
+    output_size, sampling_ratio, reduce, max_samples: as in `roi_warp`.
+    scales, canonical_scale, canonical_level, eps, extents: as in
+      `multilevel_roi_align_batched`.
+
+  Returns:
+    [B, N, S_h, S_w, C] in the maps' dtype.
+
+  Raises:
+    ValueError: as `multilevel_roi_align_batched`.
+  """
+  size = _pair(output_size)
+  _check_sampling(sampling_ratio, max_samples, reduce)
+  features, scales = list(features), [float(s) for s in scales]
+  _check_batched(features, scales, boxes, extents)
+  return _pool_levels(features, boxes.astype(jnp.float32), size, scales, sampling_ratio, False,
+                      canonical_scale, canonical_level, eps, extents, reduce=reduce,
+                      max_samples=max_samples, quantize=True)

@@ -71,8 +71,8 @@ def _load_over(model, variables, tv_path: str, imagenet_path: str) -> Dict[str, 
   if imagenet_path:
     loaded = tv_convert.variables_from_resnet_state_dict(model, imagenet_path)
     n = len(traverse_util.flatten_dict(loaded["params"]))
-    log.info("loaded the ImageNet backbone from %s (%d parameter arrays); the FPN and heads are "
-             "random", imagenet_path, n)
+    log.info("loaded the ImageNet backbone from %s (%d parameter arrays); the rest (FPN, heads) "
+             "is random", imagenet_path, n)
     return overlay(variables, loaded)
   if tv_path:
     loaded, report = tv_convert.convert_matching(

@@ -80,8 +80,10 @@ def frozen_prefixes(frozen_stages: int):
     raise ConfigError(f"training.frozen_stages must be in 0..4, got {k}")
   if k == 0:
     return ()
+  # A C4 model's layer4 is its RoI trunk.
   return (("backbone", "conv1"), ("backbone", "bn1")) + tuple(
-      ("backbone", f"layer{i}") for i in range(1, k + 1))
+      ("backbone", f"layer{i}") for i in range(1, k + 1)) + (
+          (("roi_trunk", "layer4"),) if k == 4 else ())
 
 
 def _is_frozen(path, prefixes) -> bool:

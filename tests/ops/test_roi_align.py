@@ -274,8 +274,9 @@ def test_jit_traces_once():
     assert pool(features, boxes).shape == (24, 7, 7, 8)
 
 
-@pytest.mark.parametrize("sampling_ratio", [0, -1])
-def test_adaptive_sampling_ratio_is_rejected(sampling_ratio):
+@pytest.mark.parametrize("sampling_ratio", [-1, 1.5])
+def test_negative_or_fractional_sampling_ratio_is_rejected(sampling_ratio):
+  """0 is adaptive sampling (tests/ops/test_roi_variants.py); below 0 or not an int, an error."""
   with pytest.raises(ValueError, match="sampling_ratio"):
     roi_align(jnp.zeros((8, 8, 2)), jnp.zeros((3, 4)), 7, sampling_ratio=sampling_ratio)
   with pytest.raises(ValueError, match="sampling_ratio"):

@@ -3,10 +3,13 @@ and ResNet-101 FPN backbones, converted by `from_torchvision(state_dict)` alone.
 
 Random-init weights with BatchNorm statistics randomized (`tv_models.build_torchvision`), one real
 photo per model, torchvision one image per call. In the suite both sides run at a short side of 320
-(long side <= 512) with 300 proposals, so that six models fit in minutes; the full-size figures
-(800 px, 1000 proposals, three photos) come from `benchmarks/bench_family.py`. Printed with -s.
-Asserted in exact and bucketed padding: >= 99% of torchvision's detections matched (same label, box
-IoU >= 0.99, |score difference| <= 1e-3) and >= 99% of matched masks at binarized IoU >= 0.98.
+(long side <= 512) with 300 proposals, on four of the eight models, so that every kind (Mask and
+Faster R-CNN, v1 and v2) and both depths are seen in two minutes; all eight at full size (800 px,
+1000 proposals, three photos each) are `benchmarks/bench_family.py`'s (measured in
+benchmarks/RESULTS.md; at 320 px all eight matched 100/100 when the suite still ran them).
+Printed with -s. Asserted in exact and bucketed padding: >= 99% of torchvision's detections
+matched (same label, box IoU >= 0.99, |score difference| <= 1e-3) and >= 99% of matched masks at
+binarized IoU >= 0.98.
 """
 import pytest
 
@@ -20,12 +23,8 @@ pytestmark = [pytest.mark.reference, pytest.mark.slow]
 MIN_SIZE, MAX_SIZE, PROPOSALS = 320, 512, 300
 CASES = [  # (torchvision model, ResNet depth, photo, seed)
     ("maskrcnn", 50, "coffee", 0),
-    ("maskrcnn", 101, "astronaut", 1),
-    ("fasterrcnn", 50, "coffee", 10),
     ("fasterrcnn_v2", 50, "chelsea", 11),
-    ("maskrcnn_v2", 50, "astronaut", 12),
     ("fasterrcnn", 101, "chelsea", 13),
-    ("fasterrcnn_v2", 101, "astronaut", 14),
     ("maskrcnn_v2", 101, "coffee", 15),
 ]
 

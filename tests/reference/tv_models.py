@@ -58,15 +58,67 @@ def _construct(kind: str, depth: int, **kwargs):
   return cls(backbone, num_classes=91, **heads, **kwargs)
 
 
+def construct_c4(depth: int = 50, mask: bool = True, **kwargs):
+  """A torchvision Faster/Mask R-CNN composed as the paper's ResNet-C4 (Detectron2's
+  `Res5ROIHeads`): a FrozenBatchNorm2d ResNet to layer3 (C4, stride 16) as the backbone, the RPN on
+  C4 with anchors 32..512 on its one level, one-level RoIAlign (14 x 14, sampling 2) for boxes and
+  masks, and the ResNet's `layer4` (one module, shared) as the box head (then average-pooled) and
+  the mask head; predictors FastRCNNPredictor(2048) and MaskRCNNPredictor(2048, 256)."""
+  import torch.nn as nn
+  import torchvision
+  from torchvision.models._utils import IntermediateLayerGetter
+  from torchvision.models.detection import FasterRCNN, MaskRCNN
+  from torchvision.models.detection.anchor_utils import AnchorGenerator
+  from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+  from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+  from torchvision.models.detection.rpn import RPNHead
+  from torchvision.ops import MultiScaleRoIAlign
+  from torchvision.ops.misc import FrozenBatchNorm2d
+  body = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=FrozenBatchNorm2d)
+  res5 = body.layer4
+  backbone = IntermediateLayerGetter(body, {"layer3": "0"})
+  backbone.out_channels = 1024
+  heads = dict(
+      rpn_anchor_generator=AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),)),
+      rpn_head=RPNHead(1024, 15),
+      box_roi_pool=MultiScaleRoIAlign(["0"], 14, 2),
+      box_head=nn.Sequential(res5, nn.AdaptiveAvgPool2d(1)),
+      box_predictor=FastRCNNPredictor(2048, 91))
+  if mask:
+    heads.update(mask_roi_pool=MultiScaleRoIAlign(["0"], 14, 2), mask_head=res5,
+                 mask_predictor=MaskRCNNPredictor(2048, 256, 91))
+  return (MaskRCNN if mask else FasterRCNN)(backbone, num_classes=None, **heads, **kwargs)
+
+
+def c4_state_dict(model) -> dict:
+  """`construct_c4`'s state_dict under the names `convert` gives a C4 model: the backbone's
+  'backbone.*' as 'backbone.body.*', the shared layer4 ('roi_heads.box_head.0.*', repeated under
+  'roi_heads.mask_head.*') as 'backbone.body.layer4.*'."""
+  out = {}
+  for k, v in model.state_dict().items():
+    if k.startswith("roi_heads.mask_head."):
+      continue  # the same module as box_head.0
+    if k.startswith("roi_heads.box_head.0."):
+      k = "backbone.body.layer4." + k[len("roi_heads.box_head.0."):]
+    elif k.startswith("backbone."):
+      k = "backbone.body." + k[len("backbone."):]
+    out[k] = v
+  return out
+
+
 def build_torchvision(depth: int = 50, seed: int = 0, calibration_image=None,
                       kind: str = "maskrcnn", **kwargs):
-  """A torchvision detector (`kind` in MODELS, ResNet-`depth` FPN) with detector-like random
-  weights, in eval mode. kwargs go to the model's constructor (e.g. min_size, proposal counts)."""
+  """A torchvision detector (`kind` in MODELS, ResNet-`depth` FPN; or 'maskrcnn_c4' /
+  'fasterrcnn_c4': `construct_c4`) with detector-like random weights, in eval mode. kwargs go to
+  the model's constructor (e.g. min_size, proposal counts)."""
   import torch
   import torchvision
 
   torch.manual_seed(seed)
-  m = _construct(kind, depth, **kwargs)
+  if kind.endswith("_c4"):
+    m = construct_c4(depth, kind.startswith("mask"), **kwargs)
+  else:
+    m = _construct(kind, depth, **kwargs)
   m.eval()
   g = torch.Generator().manual_seed(seed + 1)
   norms = (torch.nn.BatchNorm2d, torchvision.ops.misc.FrozenBatchNorm2d)
@@ -94,6 +146,7 @@ def build_torchvision(depth: int = 50, seed: int = 0, calibration_image=None,
       if isinstance(layer, torch.nn.Linear):
         layer.weight.mul_(3)
     box_feats = m.roi_heads.box_head(m.roi_heads.box_roi_pool(feats, props, il.image_sizes))
+    box_feats = box_feats.flatten(1)  # C4: [N, 2048, 1, 1]
     reg = m.roi_heads.box_predictor.bbox_pred
     reg.weight.div_(reg(box_feats).std() / 0.5)
     mu = box_feats.mean(0)

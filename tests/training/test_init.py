@@ -81,6 +81,24 @@ def test_imagenet_resnet50_state_dict_fills_the_backbone():
 
 
 @pytest.mark.reference
+def test_imagenet_resnet50_fills_a_c4_model_trunk_with_layer4():
+  """C4 models: layer1..3 go to the backbone, layer4 to the res5 RoI trunk; nothing is left."""
+  torch, tv = torch_or_skip()
+  torch.manual_seed(0)
+  sd = tv.models.resnet50(weights=None).state_dict()
+  cfg = base.get_config()
+  cfg.model.backbone.type = "resnet_c4"
+  model = build_model(cfg.model)
+  v = tv_convert.variables_from_resnet_state_dict(model, sd)
+  assert sorted(v["params"]) == ["backbone", "roi_trunk"]
+  assert not any(k.startswith("layer4") for k in v["params"]["backbone"])
+  np.testing.assert_array_equal(v["params"]["roi_trunk"]["layer4_2"]["conv3"]["kernel"],
+                                sd["layer4.2.conv3.weight"].numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(v["batch_stats"]["roi_trunk"]["layer4_0"]["bn1"]["running_var"],
+                                sd["layer4.0.bn1.running_var"].numpy())
+
+
+@pytest.mark.reference
 def test_imagenet_init_keeps_heads_random(tmp_path, monkeypatch):
   torch, tv = torch_or_skip()
   path = str(tmp_path / "resnet50.pth")

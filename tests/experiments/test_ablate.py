@@ -1,0 +1,124 @@
+"""The ablation runner: every row's config builds, runs are resumed and shared between tables, and
+the table's statistics and the paper-ordering verdicts (ties within the spread) are right."""
+import importlib
+import json
+import os
+
+import pytest
+from absl import app
+
+from maskrcnn_jax.experiments import ablate
+from maskrcnn_jax.modeling.builder import build_model
+
+
+@pytest.mark.parametrize("config", sorted({r.config for t in ablate.TABLES.values()
+                                           for r in t.rows}))
+def test_every_row_config_builds(config):
+  c = importlib.import_module(f"configs.ablations.{config}").get_config()
+  model = build_model(c.model)
+  assert c.data.shapes.min_visible_fraction == 0.1
+  assert c.training.steps == 1500
+  assert model.levels == ((4,) if "c4" in config else (2, 3, 4, 5, 6))
+
+
+@pytest.fixture
+def flags():
+  """Sets the runner's flags for one test (restored after it)."""
+  from absl.testing import flagsaver
+  if not ablate.FLAGS.is_parsed():
+    ablate.FLAGS(["ablate"])
+  saver = flagsaver.flagsaver()
+  saver.__enter__()
+
+  def set_flags(**values):
+    for k, v in values.items():
+      setattr(ablate.FLAGS, k, v)
+  yield set_flags
+  saver.__exit__(None, None, None)
+
+
+def _fake_runs(monkeypatch, aps, stop_at=None):
+  """_subprocess stand-in: train.py writes config.json and a checkpoint (at `stop_at[config]` if
+  given: an interrupted run), eval.py writes metrics.json with the next mask AP of
+  `aps[config]`."""
+  calls = []
+
+  def fake(cmd, log):
+    calls.append(cmd)
+    rdir = cmd[cmd.index("--workdir") + 1]
+    config = os.path.basename(os.path.dirname(rdir))
+    if cmd[1] == "train.py":
+      step = (stop_at or {}).get(config, 1500)
+      os.makedirs(os.path.join(rdir, "checkpoints", str(step)), exist_ok=True)
+      with open(os.path.join(rdir, "config.json"), "w") as f:
+        json.dump({"training": {"steps": 1500}}, f)
+    else:
+      ap = aps[config][int(rdir.rsplit("_", 1)[1])]
+      os.makedirs(os.path.dirname(ablate.metrics_path(rdir)), exist_ok=True)
+      with open(ablate.metrics_path(rdir), "w") as f:
+        json.dump({"segm": {"AP": ap, "AP50": ap + 0.2, "AP75": ap},
+                   "bbox": {"AP": ap + 0.05, "AP50": 0.9, "AP75": 0.8}}, f)
+    return 60.0
+  monkeypatch.setattr(ablate, "_subprocess", fake)
+  return calls
+
+
+def test_runner_resumes_shares_rows_and_reports(tmp_path, monkeypatch, capsys, flags):
+  aps = {"r50_fpn": [0.30, 0.32], "fpn_maskiou": [0.36, 0.37], "fpn_mlp2": [0.20, 0.30],
+         "fpn_mlp3": [0.25, 0.35]}
+  calls = _fake_runs(monkeypatch, aps)
+  flags(workdir=str(tmp_path), table="ms,2e", seeds=2, max_runs=3, override=[])
+  ablate.main(["ablate"])
+  assert len(calls) == 6  # three runs (train + eval each), the rest left for later
+  out = capsys.readouterr().out
+  assert "left for a later sitting" in out
+  first = calls[0]
+  assert first[1] == "train.py" and "--config.training.seed=0" in first
+  assert "--config.data.seed=0" in first
+  # Only started runs hold settings: the ones left for later can still change them.
+  assert not (tmp_path / "fpn_mlp2").exists()
+  flags(max_runs=0)
+  ablate.main(["ablate"])
+  # r50_fpn is in both tables: 4 configs x 2 seeds = 8 runs in all, none trained twice.
+  assert len(calls) == 16
+  out = capsys.readouterr().out
+  assert out.count("done earlier") == 3
+  table = (tmp_path / "table_ms.md").read_text()
+  assert "| Mask R-CNN | 34.2 | 31.0 ± 1.0 |" in table
+  assert "| + MaskIoU head | 35.6 | 36.5 ± 0.5 |" in table
+  assert "+5.5 (spread 2.0): agrees" in table
+  table_2e = (tmp_path / "table_2e.md").read_text()
+  # MLP 1024-1024-1024 30 +- 5 vs FCN 31 +- 1: within the spread of 10 -> a tie, not a ranking.
+  assert "FCN - MLP fc 1024-1024-1024: +1.0 (spread 10.0): tie (difference within" in table_2e
+  assert "equal in the paper; a tie here" in table_2e
+  assert (tmp_path / "table_ms.png").exists()
+  flags(override=["training.steps=10"])
+  with pytest.raises(app.UsageError, match="overrides differ"):
+    ablate.main(["ablate"])
+  flags(override=[], report_only=True)
+  monkeypatch.setattr(ablate, "config_sha", lambda row: "edited")  # a config file changed
+  with pytest.raises(app.UsageError, match="config_sha differ"):
+    ablate.main(["ablate"])
+
+
+def test_interrupted_and_single_seed_runs(tmp_path, monkeypatch, capsys, flags):
+  """A training that stopped early (train.py exits 0 after SIGTERM) is not evaluated, reported
+  as failed, and the sitting goes on; one seed gives numbers but no verdict."""
+  calls = _fake_runs(monkeypatch, {"r50_fpn": [0.3], "fpn_maskiou": [0.4]},
+                     stop_at={"r50_fpn": 750})
+  flags(workdir=str(tmp_path), table="ms", seeds=1, max_runs=0, override=[], report_only=False)
+  ablate.main(["ablate"])
+  out = capsys.readouterr().out
+  assert "FAILED" in out and "stopped at step 750 of 1500" in out
+  assert [c[1] for c in calls] == ["train.py", "train.py", "eval.py"]
+  assert ablate.load_run(str(tmp_path), "r50_fpn", 0) is None
+  assert ablate.load_run(str(tmp_path), "fpn_maskiou", 0) is not None
+  _fake_runs(monkeypatch, {"r50_fpn": [0.3], "fpn_maskiou": [0.4]})
+  ablate.main(["ablate"])
+  table = (tmp_path / "table_ms.md").read_text()
+  assert "no verdict before two seeds per row" in table
+
+
+def test_unknown_table():
+  with pytest.raises(app.UsageError, match="unknown"):
+    ablate.tables_from_flag("2d")
