@@ -73,7 +73,8 @@ def export_predictions(model, variables, images: Sequence[np.ndarray], names: Se
   Returns:
     The records written to predictions.json: {file_name, image_id (index in `images`),
     category_id (model class), bbox [x, y, w, h] original pixels, score, and segmentation (RLE)
-    when the model predicts masks}.
+    when the model predicts masks}; with a MaskIoU head, each detection's box and mask are two
+    records, the mask's with the mask score and no bbox (`coco_eval.to_coco_results`).
   """
   os.makedirs(out_dir, exist_ok=True)
   results = predict(model, variables, list(images), **predict_kwargs)
