@@ -17,6 +17,7 @@ from maskrcnn_jax.modeling.mask_iou_head import MaskIoUHead, maskiou_loss
 from maskrcnn_jax.modeling.mask_rcnn import init_variables
 from maskrcnn_jax.ops.masks import mask_iou_targets, project_mask_crops
 from tests.conftest import quick_variables
+from tests.modeling.test_heads import _batch as heads_batch
 
 # -- targets ---------------------------------------------------------------------------------------
 
@@ -248,19 +249,11 @@ def _config(mask_iou_head="standard"):
 
 
 def _batch(n=2, size=64):
-  rng = np.random.default_rng(0)
-  boxes = np.zeros((n, 3, 4), np.float32)
-  boxes[:, 0] = [8, 10, 40, 44]
-  boxes[:, 1] = [30, 20, 60, 60]
-  valid = np.zeros((n, 3), bool)
-  valid[:, :2] = True
+  """The heads tests' batch with disc-shaped instances (full-box masks would make every MaskIoU
+  target the same)."""
   yy, xx = np.mgrid[:28, :28] + 0.5
   disc = (np.hypot(yy - 14, xx - 14) < 12).astype(np.float32)
-  return dict(image=rng.normal(0, 1, (n, size, size, 3)).astype(np.float32),
-              image_size=np.full((n, 2), size, np.int32), gt_boxes=boxes,
-              gt_classes=np.where(valid, 1 + np.arange(3) % 3, 0).astype(np.int32),
-              gt_valid=valid, gt_masks=np.tile(disc, (n, 3, 1, 1)),
-              crowd_boxes=np.zeros((n, 1, 4), np.float32), crowd_valid=np.zeros((n, 1), bool))
+  return dict(heads_batch(n, size), gt_masks=np.tile(disc, (n, 3, 1, 1)))
 
 
 def test_config_switch_and_dependencies():
