@@ -7,9 +7,10 @@ STAMP := $(VENV)/.installed-$(CKSUM)
 TEST_STAMP := $(VENV)/.installed-test-$(CKSUM)
 PYTEST_ARGS ?=
 
-.PHONY: install lint test test-fast demo bench clean
+.PHONY: install lint test test-fast demo demo-keypoints bench clean
 
 DEMO_DIR ?= outputs/demo
+KEYPOINTS_DIR ?= outputs/keypoints
 
 # The package and its runtime dependencies (what `make demo` needs).
 $(STAMP): setup.cfg pyproject.toml
@@ -46,6 +47,13 @@ demo: $(STAMP)
 	$(PY) train.py --config configs/shapes.py --workdir $(DEMO_DIR)
 	$(PY) eval.py --config configs/shapes.py --workdir $(DEMO_DIR) --num_pictures 8
 	$(PY) -m maskrcnn_jax.evaluation.curves $(DEMO_DIR)
+
+# The keypoint demo: Keypoint R-CNN on synthetic stick figures (configs/keypoints_shapes.py), box
+# and OKS keypoint AP on the held-out split, pictures with skeletons and curves.
+demo-keypoints: $(STAMP)
+	$(PY) train.py --config configs/keypoints_shapes.py --workdir $(KEYPOINTS_DIR)
+	$(PY) eval.py --config configs/keypoints_shapes.py --workdir $(KEYPOINTS_DIR) --num_pictures 8
+	$(PY) -m maskrcnn_jax.evaluation.curves $(KEYPOINTS_DIR)
 
 bench: $(TEST_STAMP)
 	$(PY) benchmarks/bench_inference.py

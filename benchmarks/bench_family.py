@@ -1,13 +1,15 @@
 """torchvision's detection family side by side at full size: every model `from_torchvision`
 converts.
 
-For each of Faster R-CNN and Mask R-CNN, v1 and v2, on ResNet-50 and ResNet-101 FPN backbones:
+For each of Faster R-CNN and Mask R-CNN, v1 and v2, and Keypoint R-CNN, on ResNet-50 and
+ResNet-101 FPN backbones:
 random-init torchvision weights with BatchNorm statistics randomized (`tests/reference/tv_models`),
 converted by `from_torchvision(state_dict)` alone, three real photos at torchvision's input size
 (short side 800, 1000 proposals), torchvision one image per call; ours in exact (multiple-of-32)
 and default bucketed padding. Prints one markdown row per model and mode: detections matched
 (same label, box IoU >= 0.99, |score difference| <= 1e-3), the worst box IoU and score difference,
-masks with binarized IoU >= 0.98, and the median time per image of each side.
+masks with binarized IoU >= 0.98, keypoints of matched detections within 1 pixel, and the median
+time per image of each side.
 
 Usage: python benchmarks/bench_family.py [--models maskrcnn_v2-50,fasterrcnn-101] [--photos coffee]
 (the suite's `tests/reference/test_family_vs_torchvision.py` runs the same check at a short side
@@ -23,7 +25,8 @@ import _common  # noqa: E402  (benchmarks/_common.py, numpy only)
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-MODELS = [f"{kind}-{depth}" for kind in ("maskrcnn", "fasterrcnn", "maskrcnn_v2", "fasterrcnn_v2")
+MODELS = [f"{kind}-{depth}" for kind in ("maskrcnn", "fasterrcnn", "maskrcnn_v2", "fasterrcnn_v2",
+                                         "keypointrcnn")
           for depth in (50, 101)]
 
 
@@ -58,6 +61,10 @@ def run_model(kind: str, depth: int, photos, seed: int):
     matched = sum(s["matched"] for s in stats)
     masks = ("-" if "masks" not in refs[name] else
              f"{sum(s['mask_ok_rate'] * s['matched'] for s in stats) / max(matched, 1):.4f}")
+    if "keypoints" in refs[name]:
+      n_kp = sum(s["n_keypoints"] for s in stats)
+      ok = sum(s["keypoints_ok_rate"] * s["n_keypoints"] for s in stats)
+      masks = f"keypoints {int(round(ok))}/{n_kp} within 1 px"
     rows.append(f"| {kind} R{depth} | {'exact' if exact else 'bucketed'} | {matched}/{n_ref} "
                 f"({matched / max(n_ref, 1):.4f}) | {min(s['min_box_iou'] for s in stats):.6f} | "
                 f"{max(s['max_score_diff'] for s in stats):.1e} | {masks} | "
@@ -75,8 +82,8 @@ def main():
   from tests.reference import tv_models
   all_photos = tv_models.photos()
   photos = {p: all_photos[p] for p in args.photos.split(",")}
-  print("| model | padding | matched | min box IoU | max score diff | masks IoU >= 0.98 | ours "
-        "per image | torchvision per image |")
+  print("| model | padding | matched | min box IoU | max score diff | masks IoU >= 0.98 (or "
+        "keypoints) | ours per image | torchvision per image |")
   print("|---|---|---|---|---|---|---|---|")
   for i, spec in enumerate(args.models.split(",")):
     kind, depth = spec.rsplit("-", 1)

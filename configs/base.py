@@ -48,14 +48,21 @@ def data_config() -> ml_collections.ConfigDict:
   """`config.data`: which dataset and how batches are made (maskrcnn_jax/training/data_source.py,
   maskrcnn_jax/data/pipeline.py)."""
   d = ml_collections.ConfigDict()
-  d.dataset = "coco_format"      # 'coco_format' (a COCO-format folder) or 'shapes' (synthetic)
+  d.dataset = "coco_format"      # 'coco_format' (a COCO-format folder), 'shapes' (synthetic) or
+                                 # 'keypoint_shapes' (synthetic stick figures with keypoints)
   d.root = ""                    # coco_format: the folder, e.g. /data/coco (COCO 2017 layout)
+  d.annotations = "instances"    # coco_format: which JSONs, 'instances' or 'person_keypoints'
+                                 # (annotations/person_keypoints_{train,val}2017.json)
   d.tfds_dir = ""                # coco_format: where it is prepared; "" = ~/tensorflow_datasets
   d.prepare_workers = 1          # processes preparing the tfds dataset (first use only)
-  d.cache_dir = ""               # shapes: "" = ~/.cache/maskrcnn_jax/shapes-<hash of shapes>
+  d.cache_dir = ""               # shapes / keypoint_shapes: "" = ~/.cache/maskrcnn_jax/<dataset>-
+                                 # <hash of its parameters below>
   d.shapes = ml_collections.ConfigDict(dict(num_train=1000, num_val=100, seed=0, image_size=128,
                                             min_objects=1, max_objects=6,
                                             min_visible_fraction=0.5))
+  d.keypoint_shapes = ml_collections.ConfigDict(dict(num_train=1000, num_val=100, seed=0,
+                                                     image_size=128, min_figures=1, max_figures=4,
+                                                     min_visible_fraction=0.5, max_overlap=0.3))
   d.train_split = "train"
   d.eval_split = "validation"
   d.image_size = (1344, 1344)    # padded (height, width), multiples of 32
@@ -67,6 +74,10 @@ def data_config() -> ml_collections.ConfigDict:
   d.max_instances = 100
   d.max_crowd_instances = 20
   d.mask_crop_size = 112
+  d.min_keypoints_per_image = 0  # keypoints: training skips images with fewer labelled keypoints
+                                 # (0 = off; torchvision's COCO keypoint reference uses 10)
+  d.keypoint_flip_permutation = ()  # keypoints: which point a flip swaps with which; () = from
+                                    # the names (left_<s> <-> right_<s>)
   d.shuffle_buffer = 1024
   d.seed = 0                     # file order, shuffling, augmentation
   return d

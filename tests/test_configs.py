@@ -26,7 +26,8 @@ def test_every_config_is_listed():
     ("torchvision_r50_fpn", "maskrcnn_resnet50_fpn"),
     ("torchvision_fasterrcnn_r50_fpn", "fasterrcnn_resnet50_fpn"),
     ("torchvision_fasterrcnn_r50_fpn_v2", "fasterrcnn_resnet50_fpn_v2"),
-    ("torchvision_maskrcnn_r50_fpn_v2", "maskrcnn_resnet50_fpn_v2")])
+    ("torchvision_maskrcnn_r50_fpn_v2", "maskrcnn_resnet50_fpn_v2"),
+    ("torchvision_keypointrcnn_r50_fpn", "keypointrcnn_resnet50_fpn")])
 def test_torchvision_configs_are_the_models_from_torchvision_builds(name, constructor):
   """Each torchvision config builds the model `from_torchvision` makes of that constructor's
   state_dict: what `describe_state_dict` reads from torchvision's own keys and shapes is what the
@@ -41,11 +42,16 @@ def test_torchvision_configs_are_the_models_from_torchvision_builds(name, constr
   sd = getattr(torchvision.models.detection, constructor)(weights=None,
                                                           weights_backbone=None).state_dict()
   desc = describe_state_dict(sd)
+  keypoints = constructor.startswith("keypoint")
   assert desc == dict(version=2 if constructor.endswith("_v2") else 1, depth=50,
-                      mask=constructor.startswith("mask"), num_classes=91)
+                      mask=constructor.startswith("mask"), num_classes=2 if keypoints else 91,
+                      keypoints=17 if keypoints else 0,
+                      keypoint_layers=(512,) * 8 if keypoints else ())
   model = build_model(importlib.import_module(f"configs.{name}").get_config().model)
-  assert model == build_model(torchvision_model_config(**desc))
-  assert model.head_names == (("mask_head",) if desc["mask"] else ())
+  assert model == build_model(torchvision_model_config(
+      desc["depth"], desc["num_classes"], desc["version"], desc["mask"], desc["keypoints"]))
+  assert model.head_names == (("mask_head",) if desc["mask"] else
+                              ("keypoint_head",) if keypoints else ())
 
 
 @pytest.mark.parametrize("name", CONFIGS)

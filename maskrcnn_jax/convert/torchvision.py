@@ -1,5 +1,6 @@
 """torchvision detection `state_dict`s -> maskrcnn_jax models and variables (numpy only; torch only
-for `.pth`): Faster and Mask R-CNN, v1 and v2, ResNet-50 and -101 FPN backbones.
+for `.pth`): Faster and Mask R-CNN, v1 and v2, and Keypoint R-CNN, on ResNet-50 and -101 FPN
+backbones.
 
 Every one of our variables has exactly one torchvision name (`torch_names` lists the spellings that
 torchvision releases used), so a state_dict converts one to one and any missing, unexpected or
@@ -51,8 +52,8 @@ def torch_names(collection: str, path: Tuple[str, ...],
 
   Returns:
     (candidate torchvision keys, newest spelling first; layout) with layout one of 'conv', 'dense',
-    'fc6', 'deconv', 'vector'; or None for a variable with no torchvision counterpart (a part
-    torchvision does not have, e.g. a head registered outside the package).
+    'fc6', 'deconv', 'deconv_flipped', 'vector'; or None for a variable with no torchvision
+    counterpart (a part torchvision does not have, e.g. a head registered outside the package).
   """
   top, *mid, leaf = path
   if leaf in _NORM_LEAVES and (collection == "batch_stats" or
@@ -100,6 +101,14 @@ def torch_names(collection: str, path: Tuple[str, ...],
     if name == "conv5_mask" and leaf == "kernel":
       layout = "deconv"
     return [f"roi_heads.mask_predictor.{name}.{tleaf}"], layout
+  if top == "keypoint_head":
+    name = mid[0]
+    if name == "kps_score_lowres":
+      return [f"roi_heads.keypoint_predictor.{name}.{tleaf}"], (
+          "deconv_flipped" if leaf == "kernel" else layout)
+    m = re.fullmatch(r"kps_fcn(\d+)", name)  # Sequential(conv, ReLU, conv, ...)
+    if m:
+      return [f"roi_heads.keypoint_head.{2 * (int(m[1]) - 1)}.{tleaf}"], layout
   return None
 
 
@@ -123,6 +132,8 @@ def _to_ours(arr: np.ndarray, layout: str, pooled: int) -> np.ndarray:
     return arr.transpose(2, 3, 1, 0)
   if layout == "deconv" and arr.ndim == 4:  # ConvTranspose2d [I, O, kh, kw] -> [kh, kw, I, O]
     return arr.transpose(2, 3, 0, 1)
+  if layout == "deconv_flipped" and arr.ndim == 4:  # the same, as a correlation: flipped
+    return arr[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)
   if layout == "dense" and arr.ndim == 2:  # [out, in] -> [in, out]
     return arr.T
   if layout == "fc6" and arr.ndim == 2:  # torch flattens pooled features (c, h, w); ours (h, w, c)
@@ -242,7 +253,8 @@ def describe_state_dict(sd: Mapping[str, Any]) -> Dict[str, Any]:
 
   Returns:
     {'version': 1 or 2, 'depth': 50 or 101 (or another ResNet's), 'mask': bool, 'num_classes':
-    int}.
+    int, 'keypoints': K of a Keypoint R-CNN's predictor or 0, 'keypoint_layers': the widths of its
+    head's convs (() without one)}.
 
   Raises:
     ValueError: the keys are not those of a torchvision Faster / Mask R-CNN with a ResNet-FPN.
@@ -258,9 +270,14 @@ def describe_state_dict(sd: Mapping[str, Any]) -> Dict[str, Any]:
     raise ValueError(f"the backbone has {blocks} blocks per stage, not a ResNet of depths "
                      f"{sorted(_STAGES)}")
   v2 = "roi_heads.box_head.0.0.weight" in sd or "backbone.fpn.inner_blocks.0.1.weight" in sd
+  kp_key = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
+  kp_convs = re.compile(r"roi_heads\.keypoint_head\.(\d+)\.weight$")
+  layers = sorted((int(m[1]), _as_numpy(sd[m[0]]).shape[0]) for m in map(kp_convs.match, sd) if m)
   return dict(version=2 if v2 else 1, depth=depths[blocks],
               mask=any(k.startswith("roi_heads.mask_predictor.") for k in sd),
-              num_classes=int(_as_numpy(sd["roi_heads.box_predictor.cls_score.weight"]).shape[0]))
+              num_classes=int(_as_numpy(sd["roi_heads.box_predictor.cls_score.weight"]).shape[0]),
+              keypoints=int(_as_numpy(sd[kp_key]).shape[1]) if kp_key in sd else 0,
+              keypoint_layers=tuple(int(w) for _, w in layers))
 
 
 def from_torchvision(state_dict_or_path, num_classes: Optional[int] = None,
@@ -269,8 +286,9 @@ def from_torchvision(state_dict_or_path, num_classes: Optional[int] = None,
   """Builds the model a torchvision detection state_dict holds, and its variables.
 
   The model is worked out from the keys and shapes (`describe_state_dict`):
-  `fasterrcnn_resnet50_fpn` / `maskrcnn_resnet50_fpn` (v1), their `_v2` forms, on a ResNet-50 or
-  -101 (or other depth) FPN backbone, with any number of classes.
+  `fasterrcnn_resnet50_fpn` / `maskrcnn_resnet50_fpn` (v1), their `_v2` forms, and
+  `keypointrcnn_resnet50_fpn` (any number of keypoints), on a ResNet-50 or -101 (or other depth)
+  FPN backbone, with any number of classes.
 
   Args:
     state_dict_or_path: `model.state_dict()` (tensors or numpy arrays), or a `.pth` path. Both the
@@ -301,7 +319,9 @@ def from_torchvision(state_dict_or_path, num_classes: Optional[int] = None,
       raise ValueError(f"num_classes={num_classes}, but the state_dict's box predictor "
                        f"(roi_heads.box_predictor.cls_score) has {found['num_classes']} classes")
     model_config = torchvision_model_config(found["depth"], found["num_classes"],
-                                            found["version"], found["mask"])
+                                            found["version"], found["mask"], found["keypoints"])
+    if found["keypoints"]:
+      model_config.keypoint_head.conv_layers = found["keypoint_layers"]
     model_config.backbone.norm_eps = float(frozen_bn_eps)
   model = build_model(model_config)
   return model, variables_from_state_dict(model, sd)

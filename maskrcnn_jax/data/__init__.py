@@ -1,4 +1,5 @@
-"""Input side: a tfds builder for COCO-format folders, transforms, the tf.data pipeline, shapes.
+"""Input side: a tfds builder for COCO-format folders, transforms, the tf.data pipeline, synthetic
+shapes and keypoint figures.
 
 This package imports numpy, tensorflow, tensorflow_datasets, pycocotools and PIL only, never jax
 or other maskrcnn_jax subpackages. TensorFlow is imported lazily: `maskrcnn_jax.data.preprocess`
@@ -14,6 +15,8 @@ _LAZY = {
     "make_train_dataset": "maskrcnn_jax.data.pipeline",
     "read_examples": "maskrcnn_jax.data.pipeline",
     "generate_shapes": "maskrcnn_jax.data.shapes",
+    "generate_keypoint_shapes": "maskrcnn_jax.data.keypoint_shapes",
+    "load_keypoint_info": "maskrcnn_jax.data.builder",
 }
 
 __all__ = sorted(_LAZY) + ["preprocess"]

@@ -32,6 +32,18 @@ as `skip_report.json` next to the prepared dataset):
                                                     needs it; the training pipeline skips it
                                                     unless asked
 
+Keypoints (only when a category has a non-empty `keypoints` list of names; see `read_categories`):
+
+  keypoints missing, not 3K numbers, non-numeric,   that object's keypoints all set to
+  non-finite, or a v not in {0, 1, 2}               (0, 0, 0), the object kept (bad_keypoints)
+  labelled point (v > 0) outside [0, W] x [0, H]    that point set to (0, 0, 0)
+                                                    (keypoint_outside_image, counted per point)
+  point with v = 0 and (x, y) != (0, 0)             stored as (0, 0, 0), not counted (COCO's
+                                                    convention)
+  object of a category without keypoints            all-zero keypoints, not counted
+
+Bad keypoint records are fixes (the `fixed` table), not skips: the object's box and mask stay.
+
 Masks are stored as uncompressed COCO RLE: the run lengths of the full-image mask read in
 column-major (Fortran) order, starting with a run of zeros (possibly of length 0). `decode_rle`
 inverts it.
@@ -51,7 +63,8 @@ from pycocotools import mask as mask_utils
 IMAGE_SKIPS = ("missing_image", "unreadable_image", "size_mismatch", "duplicate_image_id")
 ANNOTATION_SKIPS = ("unknown_image", "unknown_category", "empty_segmentation", "rle_size_mismatch",
                     "missing_segmentation", "empty_mask", "zero_area_box", "box_outside_image")
-FIXES = ("degenerate_polygon", "bbox_from_mask", "clipped_box")
+FIXES = ("degenerate_polygon", "bbox_from_mask", "clipped_box", "bad_keypoints",
+         "keypoint_outside_image")
 _MAX_EXAMPLES_PER_REASON = 20
 
 
@@ -112,11 +125,27 @@ class SplitReport:
 @dataclasses.dataclass(frozen=True)
 class Category:
   """One category. `label` is the contiguous 0-based index (tfds ClassLabel); the model's class
-  index is `label + 1` (0 is background)."""
+  index is `label + 1` (0 is background). `keypoints` (K names), `skeleton` (1-based index pairs,
+  as COCO writes them) and `sigmas` (K OKS sigmas, a non-standard field) are empty for categories
+  without keypoints."""
   label: int
   category_id: int
   name: str
   supercategory: str = ""
+  keypoints: tuple = ()
+  skeleton: tuple = ()
+  sigmas: tuple = ()
+
+  def to_dict(self):
+    """The fields as a dict; the keypoint fields only when they are set."""
+    d = {"label": self.label, "category_id": self.category_id, "name": self.name,
+         "supercategory": self.supercategory}
+    if self.keypoints:
+      d["keypoints"] = list(self.keypoints)
+      d["skeleton"] = [list(p) for p in self.skeleton]
+      if self.sigmas:
+        d["sigmas"] = list(self.sigmas)
+    return d
 
 
 def load_annotations(annotation_file):
@@ -134,6 +163,44 @@ def load_annotations(annotation_file):
   return data
 
 
+def _is_number(v):
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _parse_keypoint_fields(cat):
+  """(names, skeleton, sigmas) tuples of one JSON category; ValueError when malformed."""
+  names = cat.get("keypoints") or []
+  if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+    raise ValueError(f"category {cat.get('id')}: 'keypoints' must be a list of names, got "
+                     f"{names!r}")
+  if len(set(names)) != len(names):
+    raise ValueError(f"category {cat.get('id')}: repeated keypoint names {names}")
+  k = len(names)
+  skeleton = (cat.get("skeleton") or []) if k else []
+  if not isinstance(skeleton, list) or not all(
+      isinstance(p, (list, tuple)) and len(p) == 2 and
+      all(isinstance(i, int) and not isinstance(i, bool) and 1 <= i <= k for i in p)
+      for p in skeleton):
+    raise ValueError(f"category {cat.get('id')}: 'skeleton' must be a list of 1-based pairs of "
+                     f"keypoint indices in [1, {k}], got {skeleton!r}")
+  sigmas = cat.get("sigmas") if k else None
+  if sigmas is not None:
+    if (not isinstance(sigmas, list) or len(sigmas) != k or
+        not all(_is_number(v) and v > 0 for v in sigmas)):
+      raise ValueError(f"category {cat.get('id')}: 'sigmas' must be {k} positive numbers (one "
+                       f"per keypoint), got {sigmas!r}")
+  return (tuple(names), tuple(tuple(int(i) for i in p) for p in skeleton),
+          tuple(float(v) for v in sigmas or ()))
+
+
+def _merge_field(what, cid, old, new):
+  """Two files' values of one keypoint field: empty means 'not given'; given ones must agree."""
+  if old and new and old != new:
+    raise ValueError(f"category {cid}: {what} {list(old)} in one split and {list(new)} in "
+                     "another")
+  return old or new
+
+
 def read_categories(datas):
   """Union of the categories of several parsed JSONs, sorted by category id.
 
@@ -142,14 +209,19 @@ def read_categories(datas):
 
   Returns:
     list of `Category`, `label` = position in the list. Names are made unique (a repeated name gets
-    `_<category_id>` appended) because tfds ClassLabel needs unique names.
+    `_<category_id>` appended) because tfds ClassLabel needs unique names. Categories with a
+    non-empty `keypoints` list carry it, with `skeleton` ([] if absent) and `sigmas` (if given).
 
   Raises:
-    ValueError: a category id with different names in different files, or no categories at all.
+    ValueError: a category id with different names (or keypoint names, skeletons, sigmas) in
+      different files, malformed keypoint fields, categories with keypoints whose names, skeletons
+      or sigmas differ from each other, or no categories at all.
   """
   by_id = {}
   for data in datas:
     for cat in data["categories"]:
+      if not isinstance(cat, dict):
+        raise ValueError(f"malformed category entry: {cat!r}")
       try:
         cid = int(cat["id"])
       except (KeyError, TypeError, ValueError):
@@ -158,17 +230,36 @@ def read_categories(datas):
       if cid in by_id and by_id[cid][0] != name:
         raise ValueError(f"category id {cid} is named {by_id[cid][0]!r} in one split and {name!r} "
                          "in another")
-      by_id[cid] = (name, str(cat.get("supercategory", "")))
+      kp = _parse_keypoint_fields(cat)
+      if cid in by_id:
+        kp = tuple(_merge_field(what, cid, old, new) for what, old, new in
+                   zip(("keypoint names", "skeleton", "sigmas"), by_id[cid][2], kp))
+      by_id[cid] = (name, str(cat.get("supercategory", "")), kp)
   if not by_id:
     raise ValueError("no categories in the annotation files")
-  names = collections.Counter(name for name, _ in by_id.values())
+  with_kp = {cid: v[2] for cid, v in by_id.items() if v[2][0]}
+  for i, what in enumerate(("keypoint names", "skeleton", "sigmas")):
+    given = {cid: kp[i] for cid, kp in with_kp.items() if kp[i]}   # names are never empty here
+    if len(set(given.values())) > 1:
+      raise ValueError("all categories with keypoints must have the same " + what + "; got " +
+                       "; ".join(f"category {cid}: {list(v)}" for cid, v in sorted(given.items())))
+  names = collections.Counter(name for name, _, _ in by_id.values())
   cats = []
   for label, cid in enumerate(sorted(by_id)):
-    name, sup = by_id[cid]
+    name, sup, (kp_names, skeleton, sigmas) = by_id[cid]
     if names[name] > 1:
       name = f"{name}_{cid}"
-    cats.append(Category(label=label, category_id=cid, name=name, supercategory=sup))
+    cats.append(Category(label=label, category_id=cid, name=name, supercategory=sup,
+                         keypoints=kp_names, skeleton=skeleton, sigmas=sigmas))
   return cats
+
+
+def keypoint_names(categories):
+  """The keypoint names shared by the categories that have keypoints; () when none has."""
+  for c in categories:
+    if c.keypoints:
+      return tuple(c.keypoints)
+  return ()
 
 
 def encode_rle(mask):
@@ -264,6 +355,44 @@ def mask_bbox_xyxy(mask):
   return np.array([xs[0], ys[0], xs[-1] + 1, ys[-1] + 1], np.float32)
 
 
+def annotation_keypoints(ann, num_keypoints, height, width, report=None):
+  """One annotation's keypoints, checked against the image (see the module docstring's table).
+
+  Args:
+    ann: the COCO annotation (its `keypoints` [3K] flat list (x, y, v), `num_keypoints`).
+    num_keypoints: K.
+    height, width: image size in pixels.
+    report: a `SplitReport` that counts bad_keypoints / keypoint_outside_image fixes.
+
+  Returns:
+    keypoints: [K, 3] float32 (x, y, v) pixels, v in {0, 1, 2}; points with v = 0 are (0, 0, 0).
+    num_labelled: int, the JSON's `num_keypoints` when it is a non-negative int and no point had
+      to be removed; otherwise the number of points with v > 0 that are kept.
+  """
+  k = int(num_keypoints)
+  ann_id = ann.get("id")
+  raw = ann.get("keypoints")
+  ok = (isinstance(raw, (list, tuple)) and len(raw) == 3 * k and all(_is_number(v) for v in raw))
+  if ok:
+    kps = np.asarray(raw, np.float64).reshape(k, 3)
+    ok = bool(np.all(np.isin(kps[:, 2], (0.0, 1.0, 2.0))))
+  if not ok:
+    if report is not None:
+      report.count(report.fixed, "bad_keypoints", ann_id)
+    return np.zeros((k, 3), np.float32), 0
+  labelled = kps[:, 2] > 0
+  inside = ((kps[:, 0] >= 0) & (kps[:, 0] <= width) & (kps[:, 1] >= 0) &
+            (kps[:, 1] <= height))
+  outside = labelled & ~inside
+  if outside.any() and report is not None:
+    report.count(report.fixed, "keypoint_outside_image", ann_id, int(outside.sum()))
+  kps[~labelled | outside] = 0.0
+  num = ann.get("num_keypoints")
+  if (outside.any() or not isinstance(num, int) or isinstance(num, bool) or num < 0):
+    num = int(np.count_nonzero(kps[:, 2] > 0))
+  return kps.astype(np.float32), int(num)
+
+
 def _read_image(path, width, height, report, image_id):
   """Returns (encoded bytes, (h, w)) or None after counting a skip."""
   try:
@@ -300,7 +429,8 @@ def _read_image(path, width, height, report, image_id):
   return buf.getvalue(), (h, w)
 
 
-def make_example(image, annotations, image_dir, cat_label, report):
+def make_example(image, annotations, image_dir, cat_label, report, num_keypoints=0,
+                 keypoint_category_ids=()):
   """Builds one image's example (a dict for the tfds features) or returns None if it is skipped.
 
   Args:
@@ -309,10 +439,13 @@ def make_example(image, annotations, image_dir, cat_label, report):
     image_dir: folder holding `image['file_name']`.
     cat_label: {category_id: contiguous 0-based label}.
     report: a `SplitReport` that receives the counts.
+    num_keypoints: K; 0 for a dataset without keypoints (no keypoint entries at all).
+    keypoint_category_ids: the category ids that have keypoints (the others get all zeros).
 
   Returns:
-    dict with keys image, image/id, image/filename, image/size, objects (dict of lists), mask_rle
-    (flat int32 counts), or None.
+    dict with keys image, image/id, image/filename, image/size, objects (dict of lists; with
+    K > 0 also keypoints [K, 3] float32 and num_keypoints int per object), mask_rle (flat int32
+    counts), or None.
   """
   image_id = int(image["id"])
   file_name = str(image.get("file_name", ""))
@@ -323,6 +456,8 @@ def make_example(image, annotations, image_dir, cat_label, report):
   encoded, (h, w) = read
   objects = {k: [] for k in ("id", "bbox_xyxy", "label", "category_id", "is_crowd", "area",
                              "mask_rle_length")}
+  if num_keypoints:
+    objects.update(keypoints=[], num_keypoints=[])
   rles = []
   for ann in annotations:
     ann_id = ann.get("id")
@@ -363,6 +498,13 @@ def make_example(image, annotations, image_dir, cat_label, report):
     objects["is_crowd"].append(is_crowd)
     objects["area"].append(float(ann.get("area", mask.sum())))
     objects["mask_rle_length"].append(counts.size)
+    if num_keypoints:
+      if int(ann["category_id"]) in keypoint_category_ids:
+        kps, num = annotation_keypoints(ann, num_keypoints, h, w, report)
+      else:
+        kps, num = np.zeros((num_keypoints, 3), np.float32), 0
+      objects["keypoints"].append(kps)
+      objects["num_keypoints"].append(num)
     report.annotations_written += 1
     report.crowd_annotations_written += int(is_crowd)
   if not objects["id"]:
@@ -421,9 +563,9 @@ def group_annotations(data, cat_label, report):
 
 
 def _make_example_job(args):
-  image, anns, image_dir, cat_label, split = args
+  image, anns, image_dir, cat_label, split, num_keypoints, kp_ids = args
   report = SplitReport(split=split)
-  return make_example(image, anns, image_dir, cat_label, report), report
+  return make_example(image, anns, image_dir, cat_label, report, num_keypoints, kp_ids), report
 
 
 def iter_examples(data, image_dir, categories, report, num_workers=1):
@@ -432,16 +574,19 @@ def iter_examples(data, image_dir, categories, report, num_workers=1):
   Args:
     data: parsed annotation JSON (`load_annotations`).
     image_dir: folder of the images.
-    categories: list of `Category` (`read_categories`).
+    categories: list of `Category` (`read_categories`); when some have keypoints, every example's
+      objects carry keypoints [K, 3] and num_keypoints (see `make_example`).
     report: `SplitReport` filled in as the generator runs (complete once it is exhausted).
     num_workers: > 1 reads images and rasterizes masks in that many processes.
   """
   cat_label = {c.category_id: c.label for c in categories}
+  num_keypoints = len(keypoint_names(categories))
+  kp_ids = frozenset(c.category_id for c in categories if c.keypoints)
   report.images_in_json = len(data["images"])
   report.annotations_in_json = len(data["annotations"])
   images, anns_by_image = group_annotations(data, cat_label, report)
-  jobs = ((img, anns_by_image.get(int(img["id"]), []), image_dir, cat_label, report.split)
-          for img in images)
+  jobs = ((img, anns_by_image.get(int(img["id"]), []), image_dir, cat_label, report.split,
+           num_keypoints, kp_ids) for img in images)
   if num_workers and num_workers > 1:
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")
@@ -452,6 +597,6 @@ def iter_examples(data, image_dir, categories, report, num_workers=1):
           yield example["image/id"], example
   else:
     for job in jobs:
-      example = make_example(job[0], job[1], image_dir, cat_label, report)
+      example = make_example(job[0], job[1], image_dir, cat_label, report, num_keypoints, kp_ids)
       if example is not None:
         yield example["image/id"], example

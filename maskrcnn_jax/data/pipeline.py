@@ -22,6 +22,11 @@ image size):
   gt_valid         [B, M] bool
   crowd_boxes      [B, Mc, 4] float32 (x1, y1, x2, y2) pixels of the resized image
   crowd_valid      [B, Mc] bool
+  gt_keypoints     [B, M, K, 3] float32 (x, y, v) pixels of the resized image (the frame of
+                   gt_boxes), v in {0, 1, 2} (COCO: 0 not labelled, 1 occluded, 2 visible); a point
+                   with v = 0 is (0, 0, 0); padding rows are all zeros. Aligned with gt_boxes (same
+                   objects, same order). Only for datasets with keypoints (K = number of names,
+                   `builder.load_keypoint_info`); absent otherwise.
   num_dropped      [B] int32 non-crowd objects beyond M that were dropped (the smallest go)
   num_crowd_dropped [B] int32 the same for crowd boxes
   example_valid    [B] bool: False on the padding examples that fill the last evaluation batches
@@ -35,7 +40,7 @@ import os
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from maskrcnn_jax.data import transforms as T
+from maskrcnn_jax.data import builder as builder_lib, keypoints as kp_lib, transforms as T
 
 try:  # This package never needs a GPU; leave it to jax.
   tf.config.set_visible_devices([], "GPU")
@@ -44,13 +49,13 @@ except RuntimeError:  # TF already initialised its devices (the caller got there
 
 OUTPUT_KEYS = ("image", "image_size", "original_size", "scale", "image_id", "gt_boxes",
                "gt_classes", "gt_masks", "gt_valid", "crowd_boxes", "crowd_valid", "num_dropped",
-               "num_crowd_dropped", "example_valid")
+               "num_crowd_dropped", "example_valid", "gt_keypoints")
 
 
 def default_transforms(*, training, image_size=(1024, 1024), max_instances=100,
                        mask_crop_size=112, resize="fit", min_size=800, max_size=1333,
                        scale_range=None, flip_prob=0.5, max_crowd_instances=20,
-                       mask_dtype="float32"):
+                       mask_dtype="float32", keypoint_flip_permutation=None):
   """The standard chain: decode, (flip), resize, normalize, pad image, pad instances.
 
   Args:
@@ -66,12 +71,14 @@ def default_transforms(*, training, image_size=(1024, 1024), max_instances=100,
       (0.8, 1.25); the image is randomly cropped back to image_size when larger.
     flip_prob: probability of a horizontal flip in training.
     mask_dtype: 'float32' (soft [0, 1]) or 'uint8' (binarized at 0.5).
+    keypoint_flip_permutation: K ints, how the flip reorders keypoints (`build_dataset` derives it
+      from the dataset's keypoint names); needed when the examples have keypoints.
   """
   chain = [T.decode_coco_example(mask_crop_size)]
   if training and flip_prob > 0:
     # Flipping commutes with resizing; done first, it moves the small uint8 image, not the
     # resized float32 one.
-    chain.append(T.random_flip(flip_prob))
+    chain.append(T.random_flip(flip_prob, keypoint_flip_permutation))
   if resize == "fit":
     chain.append(T.resize_to_fit(image_size, scale_range if (training and scale_range) else
                                  (1.0, 1.0)))
@@ -152,15 +159,57 @@ def _has_objects(ex):
   return tf.reduce_any(tf.logical_not(tf.cast(ex["objects"]["is_crowd"], tf.bool)))
 
 
+def _has_enough_keypoints(min_keypoints):
+  """torchvision's `_has_valid_annotation` (references/detection/coco_utils.py) on the non-crowd
+  objects of a stored example: False without objects, when every box has a side <= 1 pixel, or
+  with fewer than `min_keypoints` labelled (v > 0) keypoints in total."""
+  def fn(ex):
+    objects = ex["objects"]
+    real = tf.logical_not(tf.cast(objects["is_crowd"], tf.bool))
+    boxes = tf.reshape(tf.cast(objects["bbox_xyxy"], tf.float32), [-1, 4])
+    sized = (boxes[:, 2] - boxes[:, 0] > 1.0) & (boxes[:, 3] - boxes[:, 1] > 1.0)
+    labelled = tf.cast(objects["keypoints"][..., 2] > 0, tf.int32)              # [M, K]
+    count = tf.reduce_sum(labelled * tf.cast(real, tf.int32)[:, None])
+    return tf.reduce_any(real & sized) & (count >= min_keypoints)
+  return fn
+
+
+def keypoint_flip_permutation_for(builder, override=None):
+  """The flip permutation of a prepared dataset's keypoints (None when it has none).
+
+  Args:
+    builder: a prepared tfds builder, or its directory.
+    override: K ints replacing the permutation derived from the names (`left_<s>` <->
+      `right_<s>`); None or () for the derived one.
+  """
+  builder = _as_builder(builder)
+  if not _has_keypoint_features(builder):
+    if override is not None and len(tuple(override)):
+      raise ValueError("keypoint_flip_permutation given, but the dataset has no keypoints")
+    return None
+  info = builder_lib.load_keypoint_info(builder)
+  return kp_lib.resolve_flip_permutation(info["names"], override)
+
+
+def _has_keypoint_features(builder):
+  return "keypoints" in builder.info.features["objects"].feature.keys()
+
+
 def build_dataset(builder, split, *, batch_size, training, image_size=(1024, 1024),
                   max_instances=100, mask_crop_size=112, seed=0, shuffle=None,
                   shuffle_buffer=1024, num_epochs=None, keep_empty=None, process_index=None,
                   process_count=None, drop_remainder=None, transforms=None, resize="fit",
                   min_size=800, max_size=1333, scale_range=None, flip_prob=0.5,
                   max_crowd_instances=20, mask_dtype="float32", prefetch=2,
-                  num_parallel_calls=tf.data.AUTOTUNE, start_batch=0):
+                  num_parallel_calls=tf.data.AUTOTUNE, start_batch=0, min_keypoints_per_image=0,
+                  keypoint_flip_permutation=None):
   """The `tf.data.Dataset` of batches that `make_dataset` iterates (arguments as there)."""
   builder = _as_builder(builder)
+  min_keypoints_per_image = int(min_keypoints_per_image)
+  if min_keypoints_per_image and not _has_keypoint_features(builder):
+    raise ValueError(f"min_keypoints_per_image={min_keypoints_per_image}, but the dataset has no "
+                     "keypoints")
+  flip_perm = keypoint_flip_permutation_for(builder, keypoint_flip_permutation)
   training = bool(training)
   shuffle = training if shuffle is None else bool(shuffle)
   keep_empty = (not training) if keep_empty is None else bool(keep_empty)
@@ -174,13 +223,15 @@ def build_dataset(builder, split, *, batch_size, training, image_size=(1024, 102
         training=training, image_size=image_size, max_instances=max_instances,
         mask_crop_size=mask_crop_size, resize=resize, min_size=min_size, max_size=max_size,
         scale_range=scale_range, flip_prob=flip_prob, max_crowd_instances=max_crowd_instances,
-        mask_dtype=mask_dtype)
+        mask_dtype=mask_dtype, keypoint_flip_permutation=flip_perm)
   chain = T.compose(list(transforms) + [_add_example_valid, T.select(OUTPUT_KEYS)])
 
   ds = read_split(builder, split, shuffle=shuffle, seed=seed, process_index=process_index,
                   process_count=process_count)
   if not keep_empty:
     ds = ds.filter(_has_objects)
+  if training and min_keypoints_per_image > 0:
+    ds = ds.filter(_has_enough_keypoints(min_keypoints_per_image))
   if shuffle:
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   if num_epochs != 1:
@@ -237,12 +288,12 @@ def make_dataset(builder, split, *, batch_size, training, image_size=(1024, 1024
                  drop_remainder=None, transforms=None, resize="fit", min_size=800,
                  max_size=1333, scale_range=None, flip_prob=0.5, max_crowd_instances=20,
                  mask_dtype="float32", prefetch=2, num_parallel_calls=tf.data.AUTOTUNE,
-                 start_batch=0):
+                 start_batch=0, min_keypoints_per_image=0, keypoint_flip_permutation=None):
   """Iterator of fixed-shape numpy batches (keys and shapes in the module docstring).
 
   Args:
     builder: a tfds builder from `prepare_coco_format`, or the path of a prepared dataset
-      (`.../coco_format/<config>/1.0.0`).
+      (`.../coco_format/<config>/<version>`).
     split: tfds split, e.g. 'train', 'validation', 'train[:1000]'.
     batch_size: per-host batch size B.
     training: shuffles, repeats forever (`num_epochs=None`), skips images without non-crowd
@@ -267,6 +318,12 @@ def make_dataset(builder, split, *, batch_size, training, image_size=(1024, 1024
     num_parallel_calls: parallel map calls (AUTOTUNE by default).
     start_batch: batches to skip, e.g. the step a resumed training run starts at: the iterator then
       yields exactly the batches an uninterrupted run would have yielded from there on.
+    min_keypoints_per_image: in training, when > 0, keep only images whose non-crowd objects have
+      at least this many labelled (v > 0) keypoints in total and not only boxes with a side
+      <= 1 pixel (torchvision's `_has_valid_annotation`; its COCO reference uses 10). 0 = off.
+      Only for datasets with keypoints.
+    keypoint_flip_permutation: K ints replacing the flip permutation derived from the keypoint
+      names (`left_<s>` <-> `right_<s>`); None or () = derived. Datasets with keypoints only.
   """
   ds = build_dataset(
       builder, split, batch_size=batch_size, training=training, image_size=image_size,
@@ -276,7 +333,8 @@ def make_dataset(builder, split, *, batch_size, training, image_size=(1024, 1024
       transforms=transforms, resize=resize, min_size=min_size, max_size=max_size,
       scale_range=scale_range, flip_prob=flip_prob, max_crowd_instances=max_crowd_instances,
       mask_dtype=mask_dtype, prefetch=prefetch, num_parallel_calls=num_parallel_calls,
-      start_batch=start_batch)
+      start_batch=start_batch, min_keypoints_per_image=min_keypoints_per_image,
+      keypoint_flip_permutation=keypoint_flip_permutation)
   return iter(tfds.as_numpy(ds))
 
 

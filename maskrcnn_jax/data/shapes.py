@@ -16,10 +16,14 @@ and misses most of those (measured in benchmarks/RESULTS.md), so the default kee
 what the demo is meant to show; `--min_visible_fraction 0.1` makes it harder.
 
 Everything is reproducible from `seed`: image i of a split depends only on (seed, split, i).
+
+`maskrcnn_jax.data.keypoint_shapes` (stick figures with keypoints) reuses the backgrounds, the
+removal of hidden objects and the COCO writer from here.
 """
 import argparse
 import json
 import os
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -29,9 +33,19 @@ CLASS_NAMES = ("circle", "square", "triangle")
 _SPLIT_CODES = {"train": 0, "val": 1}
 
 
-def _pixel_centers(size):
+def image_rng(seed, split, index, *stream):
+  """The random generator of image `index` of `split`: depends on (seed, split, index) and the
+  optional extra `stream` ints only (another generator uses its own stream)."""
+  # crc32, not hash(): str hashes change from one Python process to the next.
+  code = _SPLIT_CODES.get(split, zlib.crc32(str(split).encode()) % 1000)
+  return np.random.default_rng([seed, code, index, *stream])
+
+
+def pixel_centers(size):
+  """Pixel centre coordinates of a `size` x `size` image: x [S, S], y [S, S] float64 (pixel
+  (row i, column j) spans [j, j + 1) x [i, i + 1), its centre is (j + 0.5, i + 0.5))."""
   c = np.arange(size, dtype=np.float64) + 0.5
-  return np.meshgrid(c, c, indexing="xy")  # x [S, S], y [S, S]
+  return np.meshgrid(c, c, indexing="xy")
 
 
 def _polygon_mask(vertices, xx, yy):
@@ -62,11 +76,13 @@ def _shape_mask(cls, cx, cy, r, angle, xx, yy):
   return _polygon_mask(verts, xx, yy)
 
 
-def _background(rng, size):
+def background(rng, size):
+  """A random textured background: [S, S, 3] uint8 noise around a colour, a linear gradient or
+  noisy stripes (draws from `rng`)."""
   kind = rng.integers(3)
   c0 = rng.integers(0, 256, 3).astype(np.float64)
   c1 = rng.integers(0, 256, 3).astype(np.float64)
-  xx, yy = _pixel_centers(size)
+  xx, yy = pixel_centers(size)
   if kind == 0:  # noise around a colour
     img = c0 + rng.normal(0, 25, (size, size, 3))
   elif kind == 1:  # linear gradient in a random direction
@@ -82,6 +98,43 @@ def _background(rng, size):
   return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
+def remove_hidden(objects, min_visible_area=16, min_visible_fraction=0.5):
+  """Occlusion in painting order: later objects hide earlier ones.
+
+  Args:
+    objects: dicts with 'full' [S, S] bool (the object's pixels in the image, ignoring
+      occlusion), in painting order.
+    min_visible_area, min_visible_fraction: an object with fewer visible pixels than either
+      (fraction of its full area) is removed altogether.
+
+  Returns:
+    the kept dicts (same order), each with 'mask' [S, S] bool set to its visible pixels: 'full'
+    minus the full pixels of the kept objects painted after it. Masks are disjoint.
+  """
+  # Removing an object only uncovers the ones below it, so repeat until nothing changes.
+  keep = [o for o in objects if o["full"].sum() >= min_visible_area]
+  while True:
+    covered = np.zeros(keep[0]["full"].shape, bool) if keep else None
+    for o in reversed(keep):
+      o["mask"] = o["full"] & ~covered
+      covered |= o["full"]
+    ok = [o for o in keep if o["mask"].sum() >= max(min_visible_area,
+                                                    min_visible_fraction * o["full"].sum())]
+    if len(ok) == len(keep):
+      return keep
+    keep = ok
+
+
+def mask_annotation(mask):
+  """COCO fields of one binary mask [S, S]: segmentation (compressed RLE, counts as str), area
+  (pixel count) and bbox [x, y, w, h] (tight, pixel edges)."""
+  rle = mask_utils.encode(np.asfortranarray(np.asarray(mask).astype(np.uint8)))
+  return {"segmentation": {"size": [int(s) for s in rle["size"]],
+                           "counts": rle["counts"].decode("ascii")},
+          "area": float(mask_utils.area(rle)),
+          "bbox": [float(v) for v in mask_utils.toBbox(rle)]}
+
+
 def render_image(seed, split, index, image_size=128, min_objects=1, max_objects=6,
                  min_visible_area=16, min_visible_fraction=0.5):
   """One synthetic image and its objects.
@@ -92,10 +145,10 @@ def render_image(seed, split, index, image_size=128, min_objects=1, max_objects=
       (visible pixels), 'color' (3 ints), 'visible_fraction' (visible / full area), in painting
       order.
   """
-  rng = np.random.default_rng([seed, _SPLIT_CODES.get(split, hash(split) % 1000), index])
+  rng = image_rng(seed, split, index)
   size = int(image_size)
-  image = _background(rng, size)
-  xx, yy = _pixel_centers(size)
+  image = background(rng, size)
+  xx, yy = pixel_centers(size)
   n = int(rng.integers(min_objects, max_objects + 1))
   shapes = []
   for _ in range(n):
@@ -107,61 +160,63 @@ def render_image(seed, split, index, image_size=128, min_objects=1, max_objects=
     color = rng.integers(0, 256, 3)
     shapes.append({"category_id": cls + 1, "full": _shape_mask(cls, cx, cy, r, angle, xx, yy),
                    "color": [int(c) for c in color]})
-  # Remove objects that end up (almost) hidden; removing one only uncovers the ones below it, so
-  # repeat until nothing changes.
-  keep = [s for s in shapes if s["full"].sum() >= min_visible_area]
-  while True:
-    covered = np.zeros((size, size), bool)
-    for s in reversed(keep):
-      s["mask"] = s["full"] & ~covered
-      covered |= s["full"]
-    ok = [s for s in keep if s["mask"].sum() >= max(min_visible_area,
-                                                    min_visible_fraction * s["full"].sum())]
-    if len(ok) == len(keep):
-      break
-    keep = ok
+  keep = remove_hidden(shapes, min_visible_area, min_visible_fraction)
   for s in keep:
     image[s["mask"]] = s["color"]
   return image, [{"category_id": s["category_id"], "mask": s["mask"], "color": s["color"],
                   "visible_fraction": float(s["mask"].sum() / s["full"].sum())} for s in keep]
 
 
-def write_split(out_dir, split, num_images, seed, image_size=128, **kwargs):
-  """Writes `out_dir/<split>/*.png` and `out_dir/annotations/instances_<split>.json`."""
+def write_coco_split(out_dir, split, num_images, render, categories, annotation_prefix,
+                     description):
+  """Writes `out_dir/<split>/NNNNNN.png` and `out_dir/annotations/<prefix>_<split>.json`.
+
+  Args:
+    render: i -> (image [S, S, 3] uint8, annotations): the annotations are dicts of COCO fields
+      (category_id, segmentation, area, bbox, ...), without id / image_id / iscrowd.
+    categories: the JSON's `categories` list.
+    annotation_prefix: 'instances' or 'person_keypoints'.
+    description: the JSON's info.description.
+
+  Returns:
+    the annotation file's path.
+  """
   img_dir = os.path.join(out_dir, split)
   os.makedirs(img_dir, exist_ok=True)
   os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
   images, annotations = [], []
   ann_id = 1
   for i in range(num_images):
-    image, objects = render_image(seed, split, i, image_size, **kwargs)
+    image, objects = render(i)
     image_id = i + 1
     file_name = f"{i:06d}.png"
     Image.fromarray(image).save(os.path.join(img_dir, file_name))
     images.append({"id": image_id, "file_name": file_name, "height": image.shape[0],
                    "width": image.shape[1]})
     for obj in objects:
-      rle = mask_utils.encode(np.asfortranarray(obj["mask"].astype(np.uint8)))
-      annotations.append({
-          "id": ann_id, "image_id": image_id, "category_id": obj["category_id"],
-          "segmentation": {"size": [int(s) for s in rle["size"]],
-                           "counts": rle["counts"].decode("ascii")},
-          "area": float(mask_utils.area(rle)),
-          "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-          "iscrowd": 0,
-      })
+      ann = {"id": ann_id, "image_id": image_id, "category_id": obj["category_id"]}
+      ann.update({k: v for k, v in obj.items() if k != "category_id"})
+      ann["iscrowd"] = 0
+      annotations.append(ann)
       ann_id += 1
-  data = {
-      "info": {"description": f"maskrcnn_jax synthetic shapes, seed {seed}"},
-      "images": images,
-      "annotations": annotations,
-      "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
-                     for i, n in enumerate(CLASS_NAMES)],
-  }
-  path = os.path.join(out_dir, "annotations", f"instances_{split}.json")
+  data = {"info": {"description": description}, "images": images, "annotations": annotations,
+          "categories": categories}
+  path = os.path.join(out_dir, "annotations", f"{annotation_prefix}_{split}.json")
   with open(path, "w") as f:
     json.dump(data, f)
   return path
+
+
+def write_split(out_dir, split, num_images, seed, image_size=128, **kwargs):
+  """Writes `out_dir/<split>/*.png` and `out_dir/annotations/instances_<split>.json`."""
+  def render(i):
+    image, objects = render_image(seed, split, i, image_size, **kwargs)
+    return image, [dict(category_id=o["category_id"], **mask_annotation(o["mask"]))
+                   for o in objects]
+  categories = [{"id": i + 1, "name": n, "supercategory": "shape"}
+                for i, n in enumerate(CLASS_NAMES)]
+  return write_coco_split(out_dir, split, num_images, render, categories, "instances",
+                          f"maskrcnn_jax synthetic shapes, seed {seed}")
 
 
 def generate_shapes(out_dir, num_train, num_val, seed=0, image_size=128, **kwargs):

@@ -20,6 +20,9 @@ Per-example features, in the order the default chain produces them:
   gt_masks       [M, S, S] float32 in [0, 1]: each object's mask cut to its box and resampled to
                  S x S (see `crop_and_resize`); uint8 {0, 1} after `binarize_masks`
   crowd_boxes    [Mc, 4] float32 (x1, y1, x2, y2) pixels, crowd objects
+  gt_keypoints   [M, K, 3] float32 (x, y, v) pixels of the current image, the non-crowd objects'
+                 keypoints (only when the dataset has keypoints); v in {0, 1, 2}, a point with
+                 v = 0 is (0, 0, 0)
   after `pad_instances`: M -> max_instances, Mc -> max_crowd_instances, plus
   gt_valid       [M] bool, crowd_valid [Mc] bool, num_dropped [] int32 (objects beyond
                  max_instances), num_crowd_dropped [] int32.
@@ -30,6 +33,11 @@ in continuous pixel coordinates (pixel k spans [k, k + 1), its centre is k + 0.5
 image border replicated: torchvision's `roi_align(mask, box, S, aligned=True, sampling_ratio=1)`.
 Geometric transforms keep boxes and crops consistent: a flip mirrors both, a resize scales boxes
 (the crop covers the same object region), a crop re-samples the crop to the clipped box.
+
+Keypoints move with the boxes: a resize scales x and y, a flip maps x to W - x (W the image width
+before padding, as torchvision's `_flip_coco_person_keypoints`) and swaps left and right points
+(`flip_permutation`, see `maskrcnn_jax.data.keypoints`), a crop shifts them. A labelled point that
+ends up outside the image [0, w] x [0, h] (inclusive) is removed: v = 0 and (0, 0, 0).
 """
 import tensorflow as tf
 
@@ -189,7 +197,9 @@ def decode_coco_example(mask_crop_size=112):
   """tfds `CocoFormat` example -> features (see the module docstring).
 
   Decodes the image (if still encoded), splits crowd from non-crowd objects, and cuts the
-  non-crowd masks to their boxes at the original resolution, straight from their RLE.
+  non-crowd masks to their boxes at the original resolution, straight from their RLE. When the
+  example has `objects/keypoints` [M, K, 3], the non-crowd objects' keypoints become
+  `gt_keypoints`.
   """
   def fn(ex):
     image = ex["image"]
@@ -218,6 +228,9 @@ def decode_coco_example(mask_crop_size=112):
                                         size[1], mask_crop_size),
         "crowd_boxes": tf.gather(boxes, crowd),
     }
+    if "keypoints" in objects:
+      kps = tf.cast(objects["keypoints"], tf.float32)
+      out["gt_keypoints"] = _zero_unlabelled(tf.gather(kps, keep))
     if "seed" in ex:
       out["seed"] = ex["seed"]
     return out
@@ -226,6 +239,20 @@ def decode_coco_example(mask_crop_size=112):
 
 # ----------------------------------------------------------------------------------------------
 # Geometry.
+
+def _zero_unlabelled(keypoints):
+  """[M, K, 3] (x, y, v): points with v <= 0 set to (0, 0, 0)."""
+  return keypoints * tf.cast(keypoints[..., 2:3] > 0, keypoints.dtype)
+
+
+def _keypoints_in_window(keypoints, offset_xy, h, w):
+  """Shifts labelled keypoints [M, K, 3] by -offset_xy [2] and removes (sets to (0, 0, 0)) those
+  outside [0, w] x [0, h]."""
+  xy = keypoints[..., :2] - offset_xy
+  inside = ((xy[..., 0] >= 0) & (xy[..., 0] <= w) & (xy[..., 1] >= 0) & (xy[..., 1] <= h) &
+            (keypoints[..., 2] > 0))
+  return tf.concat([xy, keypoints[..., 2:]], -1) * tf.cast(inside, keypoints.dtype)[..., None]
+
 
 def _resize_image(features, new_h, new_w):
   image = tf.image.resize(features["image"], tf.stack([new_h, new_w]), method="bilinear",
@@ -239,6 +266,11 @@ def _resize_image(features, new_h, new_w):
   out["scale"] = features["scale"] * ratio
   out["gt_boxes"] = features["gt_boxes"] * box_scale
   out["crowd_boxes"] = features["crowd_boxes"] * box_scale
+  if "gt_keypoints" in features:
+    kps = features["gt_keypoints"] * tf.stack([ratio[1], ratio[0], 1.0])
+    # Nothing leaves the image in a resize; clamping only undoes float rounding at the far edge.
+    limit = tf.stack([tf.cast(new_w, tf.float32), tf.cast(new_h, tf.float32), 2.0])
+    out["gt_keypoints"] = tf.clip_by_value(kps, 0.0, limit)
   return out
 
 
@@ -315,7 +347,8 @@ def _clip_boxes(boxes, offset_xy, h, w):
 def random_crop(crop_size):
   """Cuts a random `crop_size` window out of an image larger than it (a no-op along a side that
   already fits). Boxes are shifted and clipped; objects with no area left are removed; mask crops
-  of clipped objects are re-sampled to the clipped part of their box. Needs features['seed']."""
+  of clipped objects are re-sampled to the clipped part of their box; keypoints are shifted and
+  those outside the window [0, w] x [0, h] removed (v = 0, (0, 0, 0)). Needs features['seed']."""
   crop_h, crop_w = (int(s) for s in crop_size)
 
   def fn(features):
@@ -349,12 +382,23 @@ def random_crop(crop_size):
     out["gt_classes"] = tf.boolean_mask(features["gt_classes"], keep)
     out["gt_masks"] = tf.boolean_mask(masks, keep)
     out["crowd_boxes"] = tf.boolean_mask(crowd, crowd_keep)
+    if "gt_keypoints" in features:
+      kps = _keypoints_in_window(features["gt_keypoints"], off_xy, h, w)
+      out["gt_keypoints"] = tf.boolean_mask(kps, keep)
     return out
   return fn
 
 
-def flip_left_right(features):
-  """Mirrors image, boxes (x -> width - x) and mask crops (last axis) of one example."""
+def flip_left_right(features, keypoint_flip_permutation=None):
+  """Mirrors image, boxes (x -> width - x) and mask crops (last axis) of one example, and its
+  keypoints if it has `gt_keypoints`.
+
+  Args:
+    features: one example; width = features['image_size'][1] (the image before padding).
+    keypoint_flip_permutation: K ints, needed with gt_keypoints: point k of the flipped object is
+      the mirror of point `perm[k]` (left and right swapped; `keypoints.flip_permutation(names)`).
+      x -> width - x, v unchanged, unlabelled points stay (0, 0, 0).
+  """
   w = tf.cast(features["image_size"][1], tf.float32)
 
   def flip_boxes(b):
@@ -364,18 +408,33 @@ def flip_left_right(features):
   out["gt_boxes"] = flip_boxes(features["gt_boxes"])
   out["crowd_boxes"] = flip_boxes(features["crowd_boxes"])
   out["gt_masks"] = tf.reverse(features["gt_masks"], axis=[2])
+  if "gt_keypoints" in features:
+    if keypoint_flip_permutation is None:
+      raise ValueError("flipping keypoints needs keypoint_flip_permutation (which point becomes "
+                       "which; keypoints.flip_permutation(names) gives it from the names)")
+    perm = list(keypoint_flip_permutation)
+    k = features["gt_keypoints"].shape[1]
+    if k is not None and len(perm) != k:
+      raise ValueError(f"keypoint_flip_permutation has {len(perm)} entries for {k} keypoints")
+    kps = tf.gather(features["gt_keypoints"], perm, axis=1)
+    kps = tf.stack([w - kps[..., 0], kps[..., 1], kps[..., 2]], axis=-1)
+    out["gt_keypoints"] = _zero_unlabelled(kps)
   return out
 
 
-def random_flip(prob=0.5):
-  """Horizontal flip of image, boxes and mask crops with probability `prob` (features['seed']).
+def random_flip(prob=0.5, keypoint_flip_permutation=None):
+  """Horizontal flip of image, boxes, mask crops (and keypoints, see `flip_left_right`) with
+  probability `prob` (features['seed']).
 
   Apply it before `pad_image` (it mirrors the whole image). The default training chain flips
   right after decoding, where the image is still small and uint8 (flips commute with resizing)."""
   def fn(features):
     keys = ("image", "gt_boxes", "crowd_boxes", "gt_masks")
+    if "gt_keypoints" in features:
+      keys += ("gt_keypoints",)
     do = tf.random.stateless_uniform([], _seed(features, "random_flip")) < prob
-    values = tf.cond(do, lambda: tuple(flip_left_right(features)[k] for k in keys),
+    values = tf.cond(do, lambda: tuple(flip_left_right(features, keypoint_flip_permutation)[k]
+                                       for k in keys),
                      lambda: tuple(features[k] for k in keys))
     out = dict(features)
     out.update(zip(keys, values))
@@ -439,7 +498,8 @@ def pad_instances(max_instances=100, max_crowd_instances=20):
   """Pads objects to fixed counts with validity masks.
 
   If an image has more than `max_instances` non-crowd objects, the largest (box area) are kept, in
-  their original order, and the rest counted in `num_dropped`; likewise for crowd boxes.
+  their original order, and the rest counted in `num_dropped` (gt_keypoints follow the same
+  selection; padding rows are all zeros); likewise for crowd boxes.
   """
   def fn(features):
     idx, dropped = _keep_largest(features["gt_boxes"], max_instances)
@@ -452,6 +512,11 @@ def pad_instances(max_instances=100, max_crowd_instances=20):
         _pad_rows(tf.gather(features["gt_classes"], idx), max_instances), [max_instances])
     out["gt_masks"] = tf.ensure_shape(
         _pad_rows(tf.gather(features["gt_masks"], idx), max_instances), [max_instances, s, s])
+    if "gt_keypoints" in features:
+      k = features["gt_keypoints"].shape[1]
+      out["gt_keypoints"] = tf.ensure_shape(
+          _pad_rows(tf.gather(features["gt_keypoints"], idx), max_instances),
+          [max_instances, k, 3])
     out["gt_valid"] = tf.range(max_instances) < tf.shape(idx)[0]
     out["num_dropped"] = tf.cast(dropped, tf.int32)
     out["crowd_boxes"] = tf.ensure_shape(

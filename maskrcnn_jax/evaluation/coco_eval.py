@@ -1,17 +1,26 @@
-"""COCO box and mask AP through pycocotools: results JSON, RLE masks, COCOeval summaries."""
+"""COCO box, mask and keypoint AP through pycocotools: results JSON, RLE masks, COCOeval
+summaries."""
 import contextlib
 import io
 import json
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-# The 12 numbers COCOeval.summarize() prints, in its order.
+# The numbers COCOeval.summarize() prints, in its order: 12 for bbox and segm, 10 for keypoints.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
               "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+
+# OKS sigmas of COCO's 17 person keypoints (pycocotools' default, in COCO's keypoint order).
+COCO_PERSON_SIGMAS = (.026, .025, .025, .035, .035, .079, .079, .072, .072, .062, .062, .107,
+                      .107, .087, .087, .089, .089)
+# Other keypoint sets without their own `sigmas` (in the dataset's category): this for every
+# point, about the mean of COCO's.
+DEFAULT_KEYPOINT_SIGMA = 0.07
 
 
 def encode_mask(mask: np.ndarray) -> Dict[str, Any]:
@@ -30,16 +39,17 @@ def to_coco_results(image_id: int, result: Mapping[str, np.ndarray],
     image_id: the COCO image id.
     result: `predict` output for the image: boxes [N, 4] (x1, y1, x2, y2) original pixels, scores
       [N], labels [N] (model class indices), optionally masks [N, H, W] probabilities or bools and
-      mask_scores [N] (Mask Scoring R-CNN's rescored mask confidences).
+      mask_scores [N] (Mask Scoring R-CNN's rescored mask confidences), keypoints [N, K, 3] (x, y,
+      v) original pixels.
     label_to_category: model class index -> COCO category id; None keeps labels as ids
       (torchvision's 91-way COCO models).
     mask_threshold: probabilities above it are foreground.
 
   Returns:
-    [{'image_id', 'category_id', 'bbox' [x, y, w, h], 'score', ('segmentation' RLE)}], one record
-    per detection; with mask_scores two: a bbox record ('bbox', the box score) and a segm record
-    ('segmentation', the mask score, no 'bbox'), as the COCO results of the two tasks
-    (`task_records`).
+    [{'image_id', 'category_id', 'bbox' [x, y, w, h], 'score', ('segmentation' RLE), ('keypoints'
+    [x1, y1, v1, ...])}], one record per detection; with mask_scores two: a bbox record ('bbox',
+    the box score, keypoints) and a segm record ('segmentation', the mask score, no 'bbox'), as the
+    COCO results of the two tasks (`task_records`).
   """
   boxes = np.asarray(result["boxes"], np.float64)
   out = []
@@ -56,6 +66,8 @@ def to_coco_results(image_id: int, result: Mapping[str, np.ndarray],
                bbox=[round(float(x1), 3), round(float(y1), 3), round(float(x2 - x1), 3),
                      round(float(y2 - y1), 3)],
                score=round(float(result["scores"][i]), 5))
+    if "keypoints" in result:  # scored with the box score, as torchvision's reference does
+      rec["keypoints"] = [round(float(v), 3) for v in np.asarray(result["keypoints"][i]).ravel()]
     if "masks" in result:
       m = np.asarray(result["masks"][i])
       segmentation = encode_mask(m > mask_threshold if m.dtype != bool else m)
@@ -69,7 +81,7 @@ def to_coco_results(image_id: int, result: Mapping[str, np.ndarray],
   return out
 
 
-IOU_TYPES = ("bbox", "segm")
+IOU_TYPES = ("bbox", "segm", "keypoints")
 
 
 def check_tasks(tasks: Iterable[str]) -> None:
@@ -82,10 +94,32 @@ def check_tasks(tasks: Iterable[str]) -> None:
 def task_records(results: Sequence[Mapping[str, Any]], iou_type: str) -> List[Dict[str, Any]]:
   """The records COCOeval scores for one task: those with a 'bbox' for 'bbox', those with a
   'segmentation' for 'segm' (a Mask Scoring R-CNN's segm records carry the mask score and no
-  'bbox'; pycocotools derives their boxes from the masks)."""
+  'bbox'; pycocotools derives their boxes from the masks), and for 'keypoints' the 'keypoints'
+  of those that have them, without bbox or mask (pycocotools then takes each detection's area
+  from its points, as for torchvision's keypoint results)."""
   check_tasks([iou_type])
+  if iou_type == "keypoints":
+    keep = ("image_id", "category_id", "keypoints", "score")
+    return [{k: r[k] for k in keep} for r in results if "keypoints" in r]
   key = "bbox" if iou_type == "bbox" else "segmentation"
   return [dict(r) for r in results if key in r]
+
+
+def keypoint_sigmas(coco_gt: COCO, num_keypoints: int) -> Tuple[float, ...]:
+  """The OKS sigmas to score `num_keypoints`-point keypoints against `coco_gt`: the `sigmas` of
+  its category with keypoints (a maskrcnn_jax extension of the category record, e.g. the
+  synthetic keypoint set's), else COCO's person sigmas for 17 points, else
+  `DEFAULT_KEYPOINT_SIGMA` for every point."""
+  for cat in coco_gt.dataset.get("categories", []):
+    if cat.get("sigmas"):
+      sigmas = tuple(float(v) for v in cat["sigmas"])
+      if len(sigmas) != num_keypoints:
+        raise ValueError(f"category {cat.get('name')!r} has {len(sigmas)} keypoint sigmas for "
+                         f"{num_keypoints} keypoints")
+      return sigmas
+  if num_keypoints == len(COCO_PERSON_SIGMAS):
+    return COCO_PERSON_SIGMAS
+  return (DEFAULT_KEYPOINT_SIGMA,) * num_keypoints
 
 
 def evaluate(gt: Any, results: Sequence[Mapping[str, Any]],
@@ -97,13 +131,14 @@ def evaluate(gt: Any, results: Sequence[Mapping[str, Any]],
     gt: a `COCO` object or the path of an instances JSON.
     results: COCO result records (`to_coco_results`); may be empty. The segm evaluation scores
       them by their 'segm_score' where they have one (`task_records`).
-    iou_types: 'bbox' and/or 'segm'.
+    iou_types: 'bbox', 'segm' and/or 'keypoints' (OKS with `keypoint_sigmas(gt, K)`).
     image_ids: evaluate on these images only (default: all of gt's).
     verbose: print pycocotools' standard summaries and a per-category AP table.
 
   Returns:
-    {iou_type: {'AP', 'AP50', ... (12 numbers), 'per_category': {name: AP}}}; AP values in [0, 1]
-    (COCOeval's -1 for "no such objects" is kept as -1).
+    {iou_type: {'AP', 'AP50', ... (12 numbers; for keypoints the 10 of KEYPOINT_STAT_NAMES),
+    'per_category': {name: AP}}}; AP values in [0, 1] (COCOeval's -1 for "no such objects" is kept
+    as -1).
   """
   coco_gt = gt if isinstance(gt, COCO) else _load_coco(gt)
   if image_ids is None:
@@ -118,11 +153,17 @@ def evaluate(gt: Any, results: Sequence[Mapping[str, Any]],
   summary: Dict[str, Any] = {}
   for iou_type in iou_types:
     recs = task_records(results, iou_type)
-    if iou_type == "segm" and results and not recs:
-      raise ValueError("segm evaluation needs results with 'segmentation' (masks)")
+    if iou_type in ("segm", "keypoints") and results and not recs:
+      raise ValueError(f"{iou_type} evaluation needs results with "
+                       f"{'segmentation (masks)' if iou_type == 'segm' else 'keypoints'}")
     coco_dt = _load_results(coco_gt, recs)
     ev = COCOeval(coco_gt, coco_dt, iou_type)
     ev.params.imgIds = list(image_ids)
+    names = STAT_NAMES
+    if iou_type == "keypoints":
+      names = KEYPOINT_STAT_NAMES
+      ev.params.kpt_oks_sigmas = np.asarray(keypoint_sigmas(coco_gt, _num_keypoints(coco_gt,
+                                                                                   recs)))
     quiet = contextlib.redirect_stdout(io.StringIO())
     with quiet:
       ev.evaluate()
@@ -130,7 +171,7 @@ def evaluate(gt: Any, results: Sequence[Mapping[str, Any]],
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
       ev.summarize()
-    stats = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+    stats = {name: float(v) for name, v in zip(names, ev.stats)}
     stats["per_category"] = _per_category_ap(ev, coco_gt)
     summary[iou_type] = stats
     if verbose:
@@ -139,6 +180,17 @@ def evaluate(gt: Any, results: Sequence[Mapping[str, Any]],
       print("  per-category AP: " + ", ".join(
           f"{k} {v:.3f}" for k, v in stats["per_category"].items()))
   return summary
+
+
+def _num_keypoints(coco_gt: COCO, recs: Sequence[Mapping[str, Any]]) -> int:
+  """K of the ground truth's keypoints (checked against the results')."""
+  counts = {len(a["keypoints"]) // 3 for a in coco_gt.dataset.get("annotations", [])
+            if a.get("keypoints")}
+  counts |= {len(r["keypoints"]) // 3 for r in recs}
+  if len(counts) != 1:
+    raise ValueError("keypoint evaluation needs ground truth with keypoints, all of one count K "
+                     f"as the results'; found counts {sorted(counts)}")
+  return counts.pop()
 
 
 def _load_coco(path) -> COCO:

@@ -28,8 +28,20 @@ def load_label_map(builder):
   return label_to_category, names
 
 
+def _keypoint_fields(builder) -> Dict[int, Dict[str, Any]]:
+  """{COCO category id: its keypoints, skeleton and (if the dataset gives them) OKS sigmas}."""
+  from maskrcnn_jax.data.builder import load_categories
+  out = {}
+  for c in load_categories(builder):
+    if c.get("keypoints"):
+      out[int(c["category_id"])] = {k: c[k] for k in ("keypoints", "skeleton", "sigmas")
+                                    if c.get(k) is not None}
+  return out
+
+
 def _gt_records(ex) -> Dict[str, List[Dict[str, Any]]]:
-  """COCO ground truth of one prepared example (boxes, masks as uncompressed RLE, crowd flags)."""
+  """COCO ground truth of one prepared example (boxes, masks as uncompressed RLE, crowd flags;
+  keypoints and num_keypoints when the dataset has keypoints)."""
   h, w = (int(v) for v in ex["image/size"])
   img_id = int(ex["image/id"])
   obj = ex["objects"]
@@ -44,6 +56,9 @@ def _gt_records(ex) -> Dict[str, List[Dict[str, Any]]]:
                      iscrowd=int(bool(obj["is_crowd"][k])),
                      segmentation={"size": [h, w],
                                    "counts": counts[starts[k]:starts[k + 1]].tolist()}))
+    if "keypoints" in obj:
+      anns[-1].update(keypoints=np.asarray(obj["keypoints"][k], np.float64).ravel().tolist(),
+                      num_keypoints=int(obj["num_keypoints"][k]))
   image = dict(id=img_id, height=h, width=w, file_name=ex["image/filename"].decode())
   return dict(image=image, annotations=anns)
 
@@ -70,8 +85,8 @@ def evaluate_split(model, variables, builder, split: str, *, min_size: int, max_
     gt_json: score against this annotation file instead of the ground truth rebuilt from the split.
 
   Returns:
-    {task: {...12 stats, per_category} for each of `model.eval_tasks` ('bbox', and 'segm' with a
-    mask head), 'num_images', 'skipped': [...]}.
+    {task: {...12 stats (10 for keypoints), per_category} for each of `model.eval_tasks` ('bbox',
+    'segm' with a mask head, 'keypoints' with a keypoint head), 'num_images', 'skipped': [...]}.
 
   Raises:
     SplitError: an unknown or empty split, or one whose images all fail to decode.
@@ -89,6 +104,8 @@ def evaluate_split(model, variables, builder, split: str, *, min_size: int, max_
     l2c, names = load_label_map(builder)
     label_to_category = label_to_category if label_to_category is not None else l2c
     class_names = class_names if class_names is not None else names
+  keypoint_fields = _keypoint_fields(builder) if "keypoints" in model.eval_tasks else {}
+  skeleton = next((f.get("skeleton") for f in keypoint_fields.values()), None)
   images_meta, anns, records, skipped = [], [], [], []
   pending: List[Any] = []
   pictures = []
@@ -101,7 +118,7 @@ def evaluate_split(model, variables, builder, split: str, *, min_size: int, max_
     for (image, img_id), res in zip(pending, results):
       records.extend(coco_eval.to_coco_results(img_id, res, label_to_category))
       if len(pictures) < num_pictures:
-        pictures.append((img_id, draw_predictions(image, res, class_names)))
+        pictures.append((img_id, draw_predictions(image, res, class_names, skeleton=skeleton)))
     pending.clear()
 
   from maskrcnn_jax.data.pipeline import read_examples  # TensorFlow: only when reading a split
@@ -122,7 +139,8 @@ def evaluate_split(model, variables, builder, split: str, *, min_size: int, max_
                      + (f" ({len(skipped)} failed to decode)" if skipped else ""))
   if gt_json is None:
     from pycocotools.coco import COCO
-    cats = [dict(id=int(c), name=class_names[k]) for k, c in sorted(label_to_category.items())]
+    cats = [dict(id=int(c), name=class_names[k], **keypoint_fields.get(int(c), {}))
+            for k, c in sorted(label_to_category.items())]
     gt = COCO()
     gt.dataset = dict(images=images_meta, annotations=anns, categories=cats)
     import contextlib

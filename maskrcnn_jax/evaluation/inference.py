@@ -75,7 +75,9 @@ def predict(model, variables, images: List[np.ndarray], exact_padding: bool = Fa
   Returns:
     Per image a dict: boxes [N, 4] float32 (x1, y1, x2, y2) original pixels, scores [N] float32
     (descending), labels [N] int64, and masks [N, H, W] float32 probabilities in the original frame
-    (when the model has a mask head); other heads' `prediction_keys` as [N, ...] arrays.
+    (when the model has a mask head); keypoints [N, K, 3] (x, y, 1) original pixels and
+    keypoints_scores [N, K] (with a keypoint head); other heads' `prediction_keys` as [N, ...]
+    arrays.
   """
   _check_images(images)
   if bucket % 32:
@@ -106,7 +108,7 @@ def predict(model, variables, images: List[np.ndarray], exact_padding: bool = Fa
                                     jnp.asarray(padded)))
       for j, i in enumerate(chunk):
         results[i] = _to_original_frame({k: v[j] for k, v in out.items()}, prepared[i],
-                                        bucket, mask_threshold)
+                                        bucket, mask_threshold, model.point_keys)
   return results
 
 
@@ -115,7 +117,7 @@ _CONVERTED = ("valid", "boxes", "scores", "labels", "masks", "proposals", "propo
 
 
 def _to_original_frame(det: Dict[str, np.ndarray], p: Dict[str, Any], bucket: int,
-                       mask_threshold) -> Dict[str, np.ndarray]:
+                       mask_threshold, point_keys: Sequence[str] = ()) -> Dict[str, np.ndarray]:
   valid = det["valid"]
   (h0, w0), (h, w) = p["orig"], p["size"]
   # torchvision's resize_boxes: ratios new/old computed in float32.
@@ -137,9 +139,14 @@ def _to_original_frame(det: Dict[str, np.ndarray], p: Dict[str, Any], bucket: in
       m[:k], b[:k] = small[s:s + k], boxes[s:s + k]
       full[s:s + k] = np.asarray(_paste(m, b, ch, cw))[:k, :h0, :w0]
     res["masks"] = full > mask_threshold if mask_threshold is not None else full
-  # Other heads' per-detection predictions ([D, ...], no image coordinates) pass through; a head
-  # whose output is in image pixels needs its own conversion here, as masks have.
+  # Points ([D, P, 2 + n], x and y in canvas pixels; torchvision's resize_keypoints) scale as
+  # boxes; other heads' per-detection predictions ([D, ...], no image coordinates) pass through.
+  for k in point_keys:
+    pts = det[k][valid].astype(np.float32).copy()
+    pts[..., 0] *= ratio_w
+    pts[..., 1] *= ratio_h
+    res[k] = pts
   for k, v in det.items():
-    if k not in _CONVERTED:
+    if k not in _CONVERTED and k not in point_keys:
       res[k] = v[valid]
   return res

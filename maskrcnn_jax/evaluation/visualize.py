@@ -1,4 +1,5 @@
-"""Pictures of predictions (masks, boxes, class names, scores) and training curves, as PNG files."""
+"""Pictures of predictions (masks, boxes, keypoint skeletons, class names, scores) and training
+curves, as PNG files."""
 import colorsys
 from typing import Mapping, Optional, Sequence
 
@@ -15,18 +16,24 @@ def _colour(i: int):
 def draw_predictions(image: np.ndarray, result: Mapping[str, np.ndarray],
                      class_names: Optional[Sequence[str]] = None, score_threshold: float = 0.5,
                      mask_threshold: float = 0.5, min_side: int = 512,
-                     alpha: float = 0.45) -> Image.Image:
-  """Draws each detection's mask, box, class name and score over the image.
+                     alpha: float = 0.45, skeleton: Optional[Sequence[Sequence[int]]] = None,
+                     keypoint_threshold: Optional[float] = None) -> Image.Image:
+  """Draws each detection's mask, box, keypoints (and skeleton), class name and score over the
+  image.
 
   Args:
     image: [H, W, 3] uint8 RGB.
     result: `predict` output for the image (boxes [N, 4] (x1, y1, x2, y2) original pixels, scores
-      [N], labels [N], optional masks [N, H, W]).
+      [N], labels [N], optional masks [N, H, W], keypoints [N, K, 3] (x, y, v) original pixels
+      and keypoints_scores [N, K]).
     class_names: name per label index (index 0 = background); None prints the label number.
     score_threshold: detections below it are not drawn.
     mask_threshold: mask probabilities above it are painted.
     min_side: small images are enlarged (nearest) to this short side so that labels stay readable.
     alpha: mask opacity.
+    skeleton: keypoint pairs to join by lines, 1-based as COCO's category `skeleton`.
+    keypoint_threshold: points whose score is below it are not drawn (None: every point with
+      v > 0).
 
   Returns:
     A PIL RGB image (enlarged by an integer factor when the input is small).
@@ -43,6 +50,12 @@ def draw_predictions(image: np.ndarray, result: Mapping[str, np.ndarray],
   pil = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
   draw = ImageDraw.Draw(pil)
   font = _font(max(12, min(pil.size) // 32))
+  if "keypoints" in result:
+    for rank, i in enumerate(keep):
+      _draw_keypoints(draw, np.asarray(result["keypoints"][i], np.float64), factor,
+                      None if "keypoints_scores" not in result else
+                      np.asarray(result["keypoints_scores"][i]),
+                      skeleton or (), keypoint_threshold, _colour(rank))
   labels = []
   for rank, i in enumerate(keep):
     box = (np.asarray(result["boxes"][i], np.float64) * factor).tolist()
@@ -60,6 +73,24 @@ def draw_predictions(image: np.ndarray, result: Mapping[str, np.ndarray],
     left, top = draw.textbbox((0, 0), text, font=font)[:2]  # the glyphs' offset from the origin
     draw.text((bg[0] + 2 - left, bg[1] + 2 - top), text, fill=col, font=font)
   return pil
+
+
+def _draw_keypoints(draw, points, factor, scores, skeleton, threshold, colour):
+  """One detection's points [K, 3] (x, y, v) original pixels: skeleton lines between shown points,
+  then a dot per shown point (v > 0, and score >= threshold when both are given)."""
+  shown = points[:, 2] > 0
+  if threshold is not None and scores is not None:
+    shown &= scores >= threshold
+  xy = points[:, :2] * factor
+  width = max(2, factor)
+  for a, b in skeleton:
+    a, b = int(a) - 1, int(b) - 1
+    if 0 <= a < len(xy) and 0 <= b < len(xy) and shown[a] and shown[b]:
+      draw.line([tuple(xy[a]), tuple(xy[b])], fill=colour, width=width)
+  r = 1.5 * width
+  for (x, y), ok in zip(xy, shown):
+    if ok:
+      draw.ellipse([x - r, y - r, x + r, y + r], fill=colour, outline=(0, 0, 0))
 
 
 def _place_label(draw, text, font, box, placed, size):

@@ -25,6 +25,10 @@ types' fields, and a field the chosen type does not use is ignored; any other ke
   mask_sampler  `samplers.ForegroundSampler` (`num_rois`; `mask_head.num_rois` is its alias)
   mask_iou_head type 'standard': `mask_iou_head.MaskIoUHead` (Mask Scoring R-CNN, on the mask
                 head's outputs and `mask_sampler`'s RoIs); 'none': off (the default)
+  keypoint_pooler `poolers.RoIPooler` of the keypoint head (14 x 14 in torchvision)
+  keypoint_head type 'rcnn': `keypoint_head.KeypointHead` (Keypoint R-CNN); 'none': off (the
+                default)
+  keypoint_sampler `samplers.ForegroundSampler`: the keypoint head's foreground RoIs
 
 plus `num_classes`, `dtype` ('float32' or 'bfloat16' compute; parameters, box math and losses stay
 float32), `mask_on` (False turns the mask head off, as `mask_head.type='none'` does) and
@@ -39,6 +43,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import jax.numpy as jnp
 
 from maskrcnn_jax.modeling.fpn import FPN
+from maskrcnn_jax.modeling.keypoint_head import KeypointHead
 from maskrcnn_jax.modeling.mask_head import MaskHead, MLPMaskHead
 from maskrcnn_jax.modeling.mask_iou_head import MaskIoUHead
 from maskrcnn_jax.modeling.mask_rcnn import BOX_LOSSES, MaskRCNN
@@ -67,9 +72,12 @@ ROI_HEADS: Dict[str, HeadEntry] = {
                            sampler="mask_sampler"),
     # Mask Scoring R-CNN: reads the mask head's features and masks (no pooler of its own).
     "mask_iou_head": HeadEntry({"standard": MaskIoUHead}, sampler="mask_sampler"),
+    "keypoint_head": HeadEntry({"rcnn": KeypointHead}, pooler="keypoint_pooler",
+                               sampler="keypoint_sampler"),
 }
 SAMPLERS: Dict[str, type] = {"rpn_sampler": AnchorSampler, "roi_sampler": RoISampler,
-                             "mask_sampler": ForegroundSampler}
+                             "mask_sampler": ForegroundSampler,
+                             "keypoint_sampler": ForegroundSampler}
 POOLERS = ("box_pooler", "mask_pooler")
 # Keys kept for compatibility: section -> {alias: (section, key) it stands for}.
 # `mask_head.loss` names the mask heads' `loss_type` field (their `loss` is the RoI-head method).
@@ -314,7 +322,7 @@ def build_model(model_cfg: Mapping[str, Any], *, frozen_stages: int = 0) -> Mask
 
 
 def torchvision_model_config(depth: int = 50, num_classes: int = 91, version: int = 1,
-                             mask: bool = True):
+                             mask: bool = True, keypoints: int = 0):
   """The `config.model` tree of torchvision's `{mask,faster}rcnn_resnet50_fpn[_v2]` defaults.
 
   Args:
@@ -323,6 +331,8 @@ def torchvision_model_config(depth: int = 50, num_classes: int = 91, version: in
     version: 1 (`maskrcnn_resnet50_fpn`: frozen BN, TwoMLPHead) or 2 (`*_v2`: BatchNorm in the
       backbone, FPN and heads, a two-conv RPN head, the 4conv1fc box head).
     mask: Mask R-CNN (True) or Faster R-CNN (False: mask_head.type='none').
+    keypoints: K > 0 adds torchvision's Keypoint R-CNN head for K keypoints
+      (`keypointrcnn_resnet50_fpn`: num_classes=2, mask=False, keypoints=17); 0: none.
 
   `configs/base.py` starts from this; `convert.from_torchvision` builds its model from it.
   """
@@ -335,7 +345,7 @@ def torchvision_model_config(depth: int = 50, num_classes: int = 91, version: in
   m.mask_on = True
   m.dtype = "float32"
   m.loss_weights = ml_collections.ConfigDict(
-      {name: 1.0 for name in BOX_LOSSES + ("loss_mask", "loss_maskiou")})
+      {name: 1.0 for name in BOX_LOSSES + ("loss_mask", "loss_maskiou", "loss_keypoint")})
   m.backbone = dict(type="resnet_fpn", depth=depth, width_per_group=64, stage_blocks=(),
                     norm="bn" if v2 else "frozen_bn", norm_eps=1e-5)
   m.fpn = dict(channels=256, norm="bn" if v2 else "none")
@@ -365,6 +375,10 @@ def torchvision_model_config(depth: int = 50, num_classes: int = 91, version: in
   m.mask_sampler = dict(num_rois=128)
   m.mask_head.num_rois = m.mask_sampler.get_ref("num_rois")  # the alias, kept in step
   m.mask_iou_head = dict(type=OFF, conv_layers=(256, 256, 256, 256), fc_layers=(1024, 1024))
+  m.keypoint_pooler = dict(pooler, output_size=14)
+  m.keypoint_head = dict(type="rcnn" if keypoints else OFF, num_keypoints=int(keypoints) or 17,
+                         conv_layers=(512,) * 8)
+  m.keypoint_sampler = dict(num_rois=128)
   return m
 
 

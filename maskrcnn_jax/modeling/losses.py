@@ -121,3 +121,28 @@ def objective(losses: Mapping[str, Array], weights: Mapping[str, float] = None) 
   if not terms:
     raise ValueError(f"no loss_* entry among {sorted(losses)}")
   return sum(terms)
+
+
+def keypoint_loss(heatmap_logits: Array, targets: Array, valid: Array) -> Array:
+  """torchvision's `keypointrcnn_loss`: cross-entropy of each valid keypoint's heatmap (a softmax
+  over its S^2 cells) against its target cell, averaged over every valid keypoint given (0 when
+  there is none).
+
+  Pass a whole batch's RoIs ([B, P, ...] flattened or not) to normalize as torchvision does, by
+  the batch's count of valid keypoints (so an image with many labelled points weighs more); the
+  training step passes one device's batch, and devices then average their losses.
+
+  Args:
+    heatmap_logits: [..., K, S, S] logits;
+    targets: [..., K] int32 cell index y * S + x (`ops.keypoints.keypoints_to_heatmap`);
+    valid: [..., K] bool.
+  """
+  lead = heatmap_logits.shape[:-2]
+  if targets.shape != lead or valid.shape != lead:
+    raise ValueError(f"targets {targets.shape} and valid {valid.shape} must be heatmap_logits' "
+                     f"{heatmap_logits.shape} without the last two axes")
+  logits = heatmap_logits.astype(jnp.float32).reshape(lead + (-1,))
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  picked = jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.maximum(jnp.sum(valid), 1).astype(
+      jnp.float32)

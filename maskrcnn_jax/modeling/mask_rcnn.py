@@ -82,6 +82,11 @@ class MaskRCNN(nn.Module):
     return tuple(k for _, h, _ in self.roi_heads for k in h.prediction_keys)
 
   @property
+  def point_keys(self) -> Tuple[str, ...]:
+    """Prediction keys that hold points in canvas pixels (see `RoIHead.point_keys`)."""
+    return tuple(k for _, h, _ in self.roi_heads for k in getattr(h, "point_keys", ()))
+
+  @property
   def batch_keys(self) -> Tuple[str, ...]:
     """The batch entries `losses` reads."""
     return BATCH_KEYS + tuple(k for _, h, _ in self.roi_heads for k in h.batch_keys

@@ -40,6 +40,12 @@ class HeadContext(NamedTuple):
   trunk: Optional[Callable] = None
   outputs: Optional[Dict[str, Dict[str, Array]]] = None
 
+  def canvas_size(self) -> Tuple[int, int]:
+    """(height, width) of the padded image canvas (static), from the finest feature map."""
+    level = min(self.features)
+    h, w = self.features[level].shape[1:3]
+    return h * 2 ** level, w * 2 ** level
+
   def pool(self, pooler: RoIPooler, boxes: Array) -> Array:
     """boxes [B, N, 4] (x1, y1, x2, y2) canvas pixels -> pooled [B, N, S, S, C]; through the
     shared trunk, if any (C4 models: res5's [B, N, ceil(S/2), ceil(S/2), C5])."""
@@ -73,6 +79,10 @@ class RoIHead(nn.Module):
   """Batch entries `loss` reads beyond images, sizes and boxes (e.g. 'gt_masks')."""
   prediction_keys: ClassVar[Tuple[str, ...]] = ()
   """Keys `predict` adds to the detections (and to `predict`'s results, e.g. 'masks')."""
+  point_keys: ClassVar[Tuple[str, ...]] = ()
+  """Those of `prediction_keys` that hold points [..., P, 2 + n] whose [..., 0] and [..., 1] are
+  x and y canvas pixels (e.g. 'keypoints'): inference scales them to the original image, as it
+  does boxes."""
   loss_names: ClassVar[Tuple[str, ...]] = ()
   """The `loss_*` keys `loss` returns: exactly these (checked), each named by no other head."""
   eval_task: ClassVar[Optional[str]] = None

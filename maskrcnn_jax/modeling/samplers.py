@@ -157,7 +157,8 @@ class RoISampler:
 
 @dataclasses.dataclass(frozen=True)
 class ForegroundSampler:
-  """`config.model.mask_sampler`: the foreground RoIs a head after the box head trains on."""
+  """`config.model.mask_sampler` (and `keypoint_sampler`): the foreground RoIs a head after the box
+  head trains on."""
   num_rois: int = 128
   """Foreground RoIs per image that get targets. torchvision uses every foreground RoI, at most
   `roi_sampler.batch_size_per_image * positive_fraction` (128); fewer slots cost less (the
@@ -166,7 +167,7 @@ class ForegroundSampler:
 
   def __post_init__(self):
     if not isinstance(self.num_rois, int) or isinstance(self.num_rois, bool) or self.num_rois < 1:
-      raise ValueError(f"mask_sampler.num_rois must be an int >= 1, got {self.num_rois!r}")
+      raise ValueError(f"num_rois must be an int >= 1, got {self.num_rois!r}")
 
   def __call__(self, samples: RoISamples) -> RoISamples:
     """One image's RoI samples (positives first) -> the first `num_rois`, valid where they are

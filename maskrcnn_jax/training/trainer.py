@@ -190,11 +190,9 @@ _KNOWN = {
                  "eval_every", "async_checkpointing", "compilation_cache_dir", "distributed"},
     "training.distributed": {"enabled", "coordinator_address", "num_processes", "process_id",
                              "local_device_ids", "cpu_collectives"},
-    "data": {"dataset", "root", "tfds_dir", "prepare_workers", "cache_dir", "shapes",
-             "train_split", "eval_split", "image_size", "resize", "min_size", "max_size",
-             "scale_range", "flip_prob", "max_instances", "max_crowd_instances",
-             "mask_crop_size", "shuffle_buffer", "seed"},
+    "data": set(data_source.DATA_KEYS),
     "data.shapes": set(data_source.SHAPES_KEYS),
+    "data.keypoint_shapes": set(data_source.KEYPOINT_SHAPES_KEYS),
     "init": {"torchvision_checkpoint", "imagenet_resnet"},
 }
 
@@ -260,12 +258,22 @@ def abstract_inference_state(model, mesh) -> Dict[str, Any]:
 
 
 def _check_batch_keys(model, batch) -> None:
-  """Raises ValueError unless the input pipeline gives every entry the model's losses read (its
-  heads' `batch_keys`; crowd regions are optional)."""
+  """Raises ConfigError unless the input pipeline gives every entry the model's losses read (its
+  heads' `batch_keys`; crowd regions are optional), keypoints with the keypoint head's count."""
   missing = [k for k in model.batch_keys if k not in batch and not k.startswith("crowd_")]
+  if "gt_keypoints" in missing:
+    raise ConfigError("the model has a keypoint head (config.model.keypoint_head) but the "
+                      "dataset has no keypoints: use COCO person_keypoints annotations "
+                      "(config.data.annotations='person_keypoints') or the synthetic "
+                      "config.data.dataset='keypoint_shapes'")
   if missing:
-    raise ValueError(f"the input pipeline gives no {missing}, which the model's heads read in "
-                     f"training (it gives {sorted(batch)}; see data/pipeline.py OUTPUT_KEYS)")
+    raise ConfigError(f"the input pipeline gives no {missing}, which the model's heads read in "
+                      f"training (it gives {sorted(batch)}; see data/pipeline.py OUTPUT_KEYS)")
+  head = model.head("keypoint_head")
+  if head is not None and tuple(batch["gt_keypoints"].shape[-2:]) != (head.num_keypoints, 3):
+    raise ConfigError(f"the dataset's keypoints are {tuple(batch['gt_keypoints'].shape[-2:])} "
+                      f"(K, 3) per object, but config.model.keypoint_head.num_keypoints="
+                      f"{head.num_keypoints}: set it to the dataset's K")
 
 
 def train_and_evaluate(config, workdir: str, *, evaluate: Optional[EvaluateFn] = None,

@@ -120,6 +120,79 @@ def write_coco_folder(root):
   return img_dir, ann_file
 
 
+KP_NAMES = ["head", "left_hand", "right_hand", "tail"]
+KP_CATEGORIES = [{"id": 1, "name": "person", "supercategory": "person", "keypoints": KP_NAMES,
+                  "skeleton": [[1, 2], [1, 3], [1, 4]], "sigmas": [0.05, 0.1, 0.1, 0.2]},
+                 {"id": 2, "name": "ball", "supercategory": "thing"}]
+# What the builder must store for each annotation id of `write_keypoint_folder`: (keypoints [K, 3],
+# num_keypoints). Worked out by hand from the records below.
+KP_EXPECTED = {
+    1: ([[20, 10, 2], [35, 20, 1], [0, 0, 0], [25, 30, 2]], 3),
+    2: ([[45, 12, 2], [0, 0, 0], [60, 40, 2], [50, 38, 1]], 3),
+    3: ([[0, 0, 0]] * 4, 0),
+    4: ([[0, 0, 0]] * 4, 0),
+    5: ([[0, 0, 0]] * 4, 0), 6: ([[0, 0, 0]] * 4, 0), 7: ([[0, 0, 0]] * 4, 0),
+    8: ([[0, 0, 0]] * 4, 0), 9: ([[0, 0, 0]] * 4, 0),
+    10: ([[16, 16, 2], [0, 0, 0], [0, 0, 0], [16, 30, 2]], 2),
+    11: ([[3.5, 4, 2], [3.5, 6, 2], [3.5, 8, 1], [3.5, 12, 2]], 4),
+    12: ([[0, 0, 0]] * 4, 0),
+}
+
+
+def write_keypoint_folder(root):
+  """A tiny COCO person_keypoints folder (K = 4: head, left_hand, right_hand, tail) with good and
+  bad keypoint records; `KP_EXPECTED` holds what must be stored.
+
+  Images (id: h x w):
+    1: 40 x 60 - person 1: a v = 0 point with non-zero (x, y), an occluded (v = 1) point;
+       person 2: a labelled point outside the image (x = 70 > 60), one exactly on the corner
+       (60, 40) (inside: [0, W] x [0, H]); ball 3 (category without keypoints); crowd person 4.
+       6 labelled keypoints on non-crowd objects.
+    2: 32 x 32 - persons 5-9 with bad records (33 numbers, a string, v = 3, NaN, no keypoints);
+       person 10 without num_keypoints (2 labelled points).
+    3: 32 x 32 - person 11 whose box is 1 px wide (torchvision's "empty box"), 4 labelled points.
+    4: 32 x 32 - only a ball (12).
+    5: 32 x 32 - no annotation.
+  """
+  img_dir = os.path.join(root, "images")
+  os.makedirs(img_dir, exist_ok=True)
+  os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+  rng = np.random.default_rng(5)
+  sizes = {1: (40, 60), 2: (32, 32), 3: (32, 32), 4: (32, 32), 5: (32, 32)}
+  images = []
+  for image_id, (h, w) in sizes.items():
+    Image.fromarray(_rgb(rng, h, w)).save(os.path.join(img_dir, f"{image_id}.png"))
+    images.append({"id": image_id, "file_name": f"{image_id}.png", "width": w, "height": h})
+  anns = []
+
+  def add(ann_id, image_id, box, cat=1, keypoints=None, num=None, crowd=0):
+    x, y, bw, bh = box
+    ann = {"id": ann_id, "image_id": image_id, "category_id": cat, "iscrowd": crowd,
+           "bbox": [float(v) for v in box], "area": float(bw * bh),
+           "segmentation": [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]}
+    if keypoints is not None:
+      ann["keypoints"] = keypoints
+    if num is not None:
+      ann["num_keypoints"] = num
+    anns.append(ann)
+  add(1, 1, (10, 5, 30, 30), keypoints=[20, 10, 2, 35, 20, 1, 5, 7, 0, 25, 30, 2], num=3)
+  add(2, 1, (40, 10, 15, 25), keypoints=[45, 12, 2, 70, 15, 2, 60, 40, 2, 50, 38, 1], num=4)
+  add(3, 1, (0, 0, 8, 8), cat=2)
+  add(4, 1, (0, 20, 10, 10), keypoints=[0] * 12, num=0, crowd=1)
+  add(5, 2, (2, 2, 10, 10), keypoints=[1] * 11, num=3)
+  add(6, 2, (4, 4, 10, 10), keypoints=[1, 1, 2, "7", 1, 2, 0, 0, 0, 0, 0, 0], num=2)
+  add(7, 2, (6, 6, 10, 10), keypoints=[1, 1, 2, 3, 3, 3, 0, 0, 0, 0, 0, 0], num=2)
+  add(8, 2, (8, 8, 10, 10), keypoints=[float("nan"), 1, 2] + [0] * 9, num=1)
+  add(9, 2, (10, 10, 10, 10), num=0)
+  add(10, 2, (12, 12, 10, 10), keypoints=[16, 16, 2, 0, 0, 0, 0, 0, 0, 16, 30, 2])
+  add(11, 3, (3, 3, 1, 10), keypoints=[3.5, 4, 2, 3.5, 6, 2, 3.5, 8, 1, 3.5, 12, 2], num=4)
+  add(12, 4, (5, 5, 10, 10), cat=2)
+  ann_file = os.path.join(root, "annotations", "person_keypoints_train.json")
+  with open(ann_file, "w") as f:
+    json.dump({"images": images, "annotations": anns, "categories": KP_CATEGORIES}, f)
+  return img_dir, ann_file
+
+
 @pytest.fixture(scope="session")
 def tf_quiet():
   import tensorflow as tf
@@ -156,6 +229,36 @@ def shapes_folder(tmp_path_factory):
 def shapes_builder(shapes_folder, tmp_path_factory, tf_quiet):
   from maskrcnn_jax.data import prepare_coco_format
   return prepare_coco_format(shapes_folder, str(tmp_path_factory.mktemp("tfds_shapes")))
+
+
+@pytest.fixture(scope="session")
+def keypoint_folder(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("coco_kp"))
+  img_dir, ann_file = write_keypoint_folder(root)
+  return {"root": root, "image_dir": img_dir, "annotation_file": ann_file}
+
+
+@pytest.fixture(scope="session")
+def keypoint_builder(keypoint_folder, tmp_path_factory, tf_quiet):
+  from maskrcnn_jax.data import prepare_coco_format
+  return prepare_coco_format(
+      {"train": (keypoint_folder["image_dir"], keypoint_folder["annotation_file"])},
+      str(tmp_path_factory.mktemp("tfds_kp")))
+
+
+@pytest.fixture(scope="session")
+def figures_folder(tmp_path_factory):
+  from maskrcnn_jax.data import keypoint_shapes
+  root = str(tmp_path_factory.mktemp("figures"))
+  keypoint_shapes.generate_keypoint_shapes(root, num_train=12, num_val=6, seed=2, image_size=64)
+  return root
+
+
+@pytest.fixture(scope="session")
+def figures_builder(figures_folder, tmp_path_factory, tf_quiet):
+  from maskrcnn_jax.data import prepare_coco_format
+  return prepare_coco_format(figures_folder, str(tmp_path_factory.mktemp("tfds_figures")),
+                             annotations="person_keypoints")
 
 
 def encode_png(arr):

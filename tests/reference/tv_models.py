@@ -24,6 +24,7 @@ def to_tensor(image: np.ndarray):
 MODELS = {  # name -> (mask head, version)
     "maskrcnn": (True, 1), "fasterrcnn": (False, 1),
     "maskrcnn_v2": (True, 2), "fasterrcnn_v2": (False, 2),
+    "keypointrcnn": (False, 1),  # 2 classes (person), 17 keypoints
 }
 
 
@@ -33,7 +34,7 @@ def _construct(kind: str, depth: int, **kwargs):
   form; v2: BatchNorm2d everywhere, two-conv RPN head, 4conv1fc box head, BN mask head)."""
   import torch.nn as nn
   import torchvision
-  from torchvision.models.detection import FasterRCNN, MaskRCNN
+  from torchvision.models.detection import FasterRCNN, KeypointRCNN, MaskRCNN
   from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor, resnet_fpn_backbone
   from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
   from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
@@ -47,6 +48,8 @@ def _construct(kind: str, depth: int, **kwargs):
   if version == 1:
     backbone = resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None,
                                    trainable_layers=5)
+    if kind == "keypointrcnn":
+      return KeypointRCNN(backbone, num_classes=2, **kwargs)
     return cls(backbone, num_classes=91, **kwargs)
   body = getattr(torchvision.models, f"resnet{depth}")(weights=None)
   backbone = _resnet_fpn_extractor(body, 5, norm_layer=nn.BatchNorm2d)
@@ -175,7 +178,9 @@ def match_detections(ref: dict, ours: dict, iou_min=0.99, score_tol=1e-3, mask_i
   iou_min and |score difference| <= score_tol (greedy, best IoU first).
 
   Returns dict(n_ref, n_ours, matched, rate, min_mask_iou, mask_ok_rate, max_score_diff,
-    min_box_iou).
+    min_box_iou, and with keypoints on both sides: n_keypoints (of matched detections),
+    keypoints_ok_rate (within 1 pixel), max_keypoint_dist, max_keypoint_score_diff (over the
+    points within 1 pixel)).
   """
   n_ref, n_ours = len(ref["scores"]), len(ours["scores"])
   stats = dict(n_ref=n_ref, n_ours=n_ours, matched=0, rate=1.0 if n_ref == 0 else 0.0,
@@ -207,4 +212,13 @@ def match_detections(ref: dict, ours: dict, iou_min=0.99, score_tol=1e-3, mask_i
       mious = np.asarray(mious)
       stats["min_mask_iou"] = float(mious.min())
       stats["mask_ok_rate"] = float((mious >= mask_iou_min).mean())
+    if "keypoints" in ref and "keypoints" in ours:
+      i, j = np.asarray(pairs).T
+      a, b = ref["keypoints"][i].astype(np.float64), ours["keypoints"][j].astype(np.float64)
+      dist = np.hypot(a[..., 0] - b[..., 0], a[..., 1] - b[..., 1])
+      ok = dist <= 1.0
+      sdiff = np.abs(ref["keypoints_scores"][i] - ours["keypoints_scores"][j])
+      stats.update(n_keypoints=int(dist.size), keypoints_ok_rate=float(ok.mean()),
+                   max_keypoint_dist=float(dist.max()),
+                   max_keypoint_score_diff=float(sdiff[ok].max()) if ok.any() else 0.0)
   return stats
