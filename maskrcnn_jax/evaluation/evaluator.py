@@ -28,17 +28,6 @@ def load_label_map(builder):
   return label_to_category, names
 
 
-def _keypoint_fields(builder) -> Dict[int, Dict[str, Any]]:
-  """{COCO category id: its keypoints, skeleton and (if the dataset gives them) OKS sigmas}."""
-  from maskrcnn_jax.data.builder import load_categories
-  out = {}
-  for c in load_categories(builder):
-    if c.get("keypoints"):
-      out[int(c["category_id"])] = {k: c[k] for k in ("keypoints", "skeleton", "sigmas")
-                                    if c.get(k) is not None}
-  return out
-
-
 def _gt_records(ex) -> Dict[str, List[Dict[str, Any]]]:
   """COCO ground truth of one prepared example (boxes, masks as uncompressed RLE, crowd flags;
   keypoints and num_keypoints when the dataset has keypoints)."""
@@ -104,8 +93,11 @@ def evaluate_split(model, variables, builder, split: str, *, min_size: int, max_
     l2c, names = load_label_map(builder)
     label_to_category = label_to_category if label_to_category is not None else l2c
     class_names = class_names if class_names is not None else names
-  keypoint_fields = _keypoint_fields(builder) if "keypoints" in model.eval_tasks else {}
-  skeleton = next((f.get("skeleton") for f in keypoint_fields.values()), None)
+  keypoints = None
+  if "keypoints" in model.eval_tasks:
+    from maskrcnn_jax.data.builder import load_keypoint_info
+    keypoints = load_keypoint_info(builder)
+  skeleton = keypoints["skeleton"] if keypoints else None
   images_meta, anns, records, skipped = [], [], [], []
   pending: List[Any] = []
   pictures = []
@@ -139,8 +131,12 @@ def evaluate_split(model, variables, builder, split: str, *, min_size: int, max_
                      + (f" ({len(skipped)} failed to decode)" if skipped else ""))
   if gt_json is None:
     from pycocotools.coco import COCO
-    cats = [dict(id=int(c), name=class_names[k], **keypoint_fields.get(int(c), {}))
-            for k, c in sorted(label_to_category.items())]
+    cats = [dict(id=int(c), name=class_names[k]) for k, c in sorted(label_to_category.items())]
+    for cat, k in zip(cats, sorted(label_to_category)):
+      if keypoints and k in keypoints["contiguous_ids"]:  # what COCOeval's OKS reads (sigmas)
+        cat.update(keypoints=keypoints["names"], skeleton=keypoints["skeleton"])
+        if keypoints["sigmas"]:
+          cat["sigmas"] = keypoints["sigmas"]
     gt = COCO()
     gt.dataset = dict(images=images_meta, annotations=anns, categories=cats)
     import contextlib
