@@ -24,8 +24,9 @@ same table in Markdown) and WORKDIR/table_<t>.png.
 This is a tool of the source checkout: it runs the checkout's train.py and eval.py.
 """
 import dataclasses
+import datetime
 import fcntl
-import hashlib
+import importlib
 import json
 import os
 import subprocess
@@ -79,6 +80,9 @@ flags.DEFINE_integer("seeds", 2, "Seeds per row (0, 1, ...).")
 flags.DEFINE_string("workdir", os.path.join(REPO, "outputs", "ablations"),
                     "Where the runs and tables go.")
 flags.DEFINE_integer("max_runs", 0, "Train at most this many runs in this sitting (0 = all).")
+flags.DEFINE_string("record_dir", os.path.join(REPO, "benchmarks", "ablations"),
+                    "Where finished runs are recorded (kept across sittings and workdirs); '' = "
+                    "none.")
 flags.DEFINE_bool("report_only", False, "Only print the tables of the runs already finished.")
 flags.DEFINE_multi_string("override", [], "Extra config overrides for every run, e.g. "
                           "'training.steps=20' (a different budget needs its own --workdir).")
@@ -105,8 +109,8 @@ def metrics_path(rdir: str) -> str:
 
 
 def _check_settings(rdir: str, settings: Dict, create: bool = False) -> None:
-  """A run folder is tied to its settings: reusing it with others is an error. Writes run.json
-  (the settings) when `create` and there is none yet."""
+  """A run folder is tied to its settings and to the row's resolved config: reusing it with others
+  is an error. Writes run.json (the settings) when `create` and there is none yet."""
   path = os.path.join(rdir, "run.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -115,25 +119,58 @@ def _check_settings(rdir: str, settings: Dict, create: bool = False) -> None:
       changed = sorted(k for k in settings if old.get(k) != settings[k])
       raise app.UsageError(f"{rdir} was run with other settings ({', '.join(changed)} differ: "
                            f"{ {k: old.get(k) for k in changed} }): pass another --workdir")
+    trained = os.path.join(rdir, "config.json")
+    if os.path.exists(trained):
+      with open(trained) as f:
+        problems = config_problems(json.load(f), settings)
+      if problems:
+        raise app.UsageError(f"{rdir} was trained with another config ({'; '.join(problems)}):"
+                             " pass another --workdir")
   elif create:
     os.makedirs(rdir, exist_ok=True)
     _write_json(path, dict(settings, train_s=0.0, eval_s=0.0))
 
 
-def config_sha(row: Row) -> str:
-  """A hash of the config files a row's config reads (code changes are not seen)."""
-  h = hashlib.sha256()
-  configs = os.path.join(REPO, "configs")
-  for path in (config_path(row), os.path.join(configs, "ablations", "common.py"),
-               os.path.join(configs, "shapes.py"), os.path.join(configs, "base.py")):
-    with open(path, "rb") as f:
-      h.update(f.read())
-  return h.hexdigest()[:16]
+def expected_config(config: str, seed: int) -> Dict:
+  """The resolved config (as train.py writes it to config.json) of row `config` at `seed`,
+  before --override."""
+  module = importlib.import_module(f"configs.ablations.{config}")
+  c = module.get_config()
+  c.training.seed = seed
+  c.data.seed = seed
+  return json.loads(c.to_json_best_effort())
+
+
+def _flatten(d: Dict, prefix: str = "") -> Dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_problems(recorded: Dict, settings: Dict) -> List[str]:
+  """How a run's recorded config (its config.json) differs from the row's config now: every key
+  it recorded must hold the same value (keys named by the run's --override excepted); keys added
+  since are switches defaulting to the earlier behaviour and are accepted."""
+  now = _flatten(expected_config(settings["config"], settings["seed"]))
+  overridden = {o.split("=", 1)[0].strip() for o in settings.get("overrides", ())}
+  problems = []
+  for k, v in sorted(_flatten(recorded).items()):
+    if k in overridden:
+      continue
+    if k not in now:
+      problems.append(f"{k}: {v!r} -> <absent>")
+    elif now[k] != v:
+      problems.append(f"{k}: {v!r} -> {now[k]!r}")
+  return problems[:8] + ([f"... {len(problems) - 8} more"] if len(problems) > 8 else [])
 
 
 def _settings(row: Row, seed: int, overrides: Optional[Sequence[str]] = None) -> Dict:
   overrides = FLAGS.override if overrides is None else overrides
-  return dict(config=row.config, seed=seed, overrides=list(overrides), config_sha=config_sha(row))
+  return dict(config=row.config, seed=seed, overrides=list(overrides))
 
 
 def _last_checkpoint(rdir: str) -> int:
@@ -198,8 +235,60 @@ def train_and_evaluate(row: Row, seed: int, workdir: str, overrides: Sequence[st
     return json.load(f)
 
 
+def record_path(record_dir: str, config: str, seed: int) -> str:
+  return os.path.join(record_dir, config, f"seed_{seed}.json")
+
+
+def _commit() -> Optional[str]:
+  try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+  except OSError:
+    return None
+  return out.stdout.strip() or None
+
+
+def record_run(rdir: str, record_dir: str, settings: Dict) -> str:
+  """Writes the record of the finished run in `rdir` (metrics, times, resolved config)."""
+  with open(metrics_path(rdir)) as f:
+    metrics = json.load(f)
+  with open(os.path.join(rdir, "run.json")) as f:
+    info = json.load(f)
+  with open(os.path.join(rdir, "config.json")) as f:
+    config = json.load(f)
+  path = record_path(record_dir, settings["config"], settings["seed"])
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  _write_json(path, dict(
+      settings, metrics={k: metrics[k] for k in ("segm", "bbox") if k in metrics},
+      train_s=info.get("train_s", 0.0), eval_s=info.get("eval_s", 0.0), commit=_commit(),
+      recorded=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      resolved_config=config))
+  return path
+
+
+def load_record(record_dir: str, settings: Dict) -> Optional[Dict]:
+  """The recorded run with these settings whose config still holds, or None (a stale record is
+  reported)."""
+  if not record_dir:
+    return None
+  path = record_path(record_dir, settings["config"], settings["seed"])
+  try:
+    with open(path) as f:
+      rec = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if rec.get("overrides") != settings["overrides"]:
+    return None
+  problems = config_problems(rec.get("resolved_config", {}), settings)
+  if problems:
+    print(f"{path} is stale (the config changed since: {'; '.join(problems)}); the run is "
+          "trained again", flush=True)
+    return None
+  return rec
+
+
 def load_run(workdir: str, config: str, seed: int) -> Optional[Dict]:
-  """A finished run's {metrics, train_s, eval_s}, or None."""
+  """A finished run's {metrics, train_s, eval_s}, from the workdir or else from --record_dir;
+  None if neither has it."""
   rdir = run_dir(workdir, config, seed)
   try:
     with open(metrics_path(rdir)) as f:
@@ -207,7 +296,10 @@ def load_run(workdir: str, config: str, seed: int) -> Optional[Dict]:
     with open(os.path.join(rdir, "run.json")) as f:
       info = json.load(f)
   except (OSError, ValueError):  # absent, or cut short by an interruption: not finished
-    return None
+    rec = load_record(FLAGS.record_dir, dict(config=config, seed=seed,
+                                             overrides=list(FLAGS.override)))
+    return None if rec is None else dict(metrics=rec["metrics"], train_s=rec["train_s"],
+                                         eval_s=rec["eval_s"])
   return dict(metrics=metrics, train_s=info.get("train_s", 0.0), eval_s=info.get("eval_s", 0.0))
 
 
@@ -312,8 +404,13 @@ def main(argv):
   missing = sorted({config_path(r) for _, r, _ in todo if not os.path.exists(config_path(r))})
   if missing:
     raise app.UsageError(f"missing configs: {missing}")
+  record_dir = FLAGS.record_dir and os.path.abspath(os.path.expanduser(FLAGS.record_dir))
   for _, row, seed in todo:  # before anything runs: every folder fits its settings
-    _check_settings(run_dir(workdir, row.config, seed), _settings(row, seed))
+    rdir = run_dir(workdir, row.config, seed)
+    _check_settings(rdir, _settings(row, seed))
+    if record_dir and os.path.exists(metrics_path(rdir)) and \
+        load_record(record_dir, _settings(row, seed)) is None:
+      print(f"recorded {record_run(rdir, record_dir, _settings(row, seed))}", flush=True)
   if not FLAGS.report_only:
     trained = 0
     failed = 0
@@ -342,6 +439,8 @@ def main(argv):
           print(f"{tag}: FAILED after {(time.time() - start) / 60:.1f} min: {e}", flush=True)
           continue
       trained += 1
+      if record_dir:
+        record_run(rdir, record_dir, _settings(row, seed))
       mask, box = _value(metrics, "segm", "AP"), _value(metrics, "bbox", "AP")
       fmt = lambda v: "-" if v is None else f"{v:.1f}"
       print(f"{tag}: {(time.time() - start) / 60:.1f} min, mask AP {fmt(mask)}, box AP "

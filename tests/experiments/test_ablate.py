@@ -22,13 +22,14 @@ def test_every_row_config_builds(config):
 
 
 @pytest.fixture
-def flags():
-  """Sets the runner's flags for one test (restored after it)."""
+def flags(tmp_path):
+  """Sets the runner's flags for one test (restored after it); records go to tmp_path/records."""
   from absl.testing import flagsaver
   if not ablate.FLAGS.is_parsed():
     ablate.FLAGS(["ablate"])
   saver = flagsaver.flagsaver()
   saver.__enter__()
+  ablate.FLAGS.record_dir = str(tmp_path / "records")
 
   def set_flags(**values):
     for k, v in values.items():
@@ -96,9 +97,46 @@ def test_runner_resumes_shares_rows_and_reports(tmp_path, monkeypatch, capsys, f
   with pytest.raises(app.UsageError, match="overrides differ"):
     ablate.main(["ablate"])
   flags(override=[], report_only=True)
-  monkeypatch.setattr(ablate, "config_sha", lambda row: "edited")  # a config file changed
-  with pytest.raises(app.UsageError, match="config_sha differ"):
+  edited = lambda config, seed: {"training": {"steps": 1000}}  # a config file changed
+  monkeypatch.setattr(ablate, "expected_config", edited)
+  with pytest.raises(app.UsageError, match=r"another config \(training.steps: 1500 -> 1000"):
     ablate.main(["ablate"])
+
+
+def test_records_outlive_the_workdir(tmp_path, monkeypatch, capsys, flags):
+  """Finished runs are recorded; a fresh workdir trains none of them again and prints the same
+  table; a record whose config no longer holds is stale and its run is trained again; a key added
+  to the config since is accepted."""
+  aps = {"r50_fpn": [0.30, 0.32], "fpn_maskiou": [0.36, 0.37]}
+  calls = _fake_runs(monkeypatch, aps)
+  flags(workdir=str(tmp_path / "a"), table="ms", seeds=2, max_runs=0, override=[])
+  ablate.main(["ablate"])
+  assert len(calls) == 8
+  rec = json.loads((tmp_path / "records" / "fpn_maskiou" / "seed_1.json").read_text())
+  assert rec["metrics"]["segm"]["AP"] == 0.37 and rec["train_s"] == 60.0
+  assert rec["resolved_config"] == {"training": {"steps": 1500}} and rec["seed"] == 1
+  table = (tmp_path / "a" / "table_ms.md").read_text()
+  capsys.readouterr()
+  flags(workdir=str(tmp_path / "b"))
+  ablate.main(["ablate"])
+  assert len(calls) == 8 and capsys.readouterr().out.count("done earlier") == 4
+  assert (tmp_path / "b" / "table_ms.md").read_text() == table
+  real = ablate.expected_config
+
+  def edited(config, seed):  # r50_fpn trained for fewer steps now; a new key everywhere
+    c = real(config, seed)
+    c["model"]["a_new_switch"] = "off"
+    if config == "r50_fpn":
+      c["training"]["steps"] = 1000
+    return c
+  monkeypatch.setattr(ablate, "expected_config", edited)
+  flags(workdir=str(tmp_path / "c"))
+  ablate.main(["ablate"])
+  out = capsys.readouterr().out
+  assert "r50_fpn/seed_0.json is stale (the config changed since: training.steps: 1500 -> 1000" \
+      in out
+  assert len(calls) == 12 and {c[c.index("--workdir") + 1] for c in calls[8:]} == {
+      str(tmp_path / "c" / "r50_fpn" / f"seed_{s}") for s in (0, 1)}
 
 
 def test_interrupted_and_single_seed_runs(tmp_path, monkeypatch, capsys, flags):
