@@ -148,8 +148,11 @@ class RPN(nn.Module):
     probs = jax.nn.sigmoid(jax.lax.stop_gradient(jnp.stack(sel_logits)))
     valid = (jnp.stack(sel_valid) & box_ops.box_sizes_at_least(boxes, self.min_size)
              & (probs >= self.score_threshold))
-    keep, keep_valid = jax.vmap(lambda b, s, v: nms(b, s, self.nms_threshold, k, valid=v))(
-        boxes, probs, valid)
+    # A level contributes at most post_k boxes to the overall top post_k (its own better boxes
+    # come first), so its NMS stops there.
+    keep, keep_valid = jax.vmap(
+        lambda b, s, v: nms(b, s, self.nms_threshold, min(k, post_k), valid=v))(
+            boxes, probs, valid)
     boxes = jnp.take_along_axis(boxes, keep[..., None], axis=1).reshape(-1, 4)
     probs = jnp.take_along_axis(probs, keep, axis=1).reshape(-1)
     keep_valid = keep_valid.reshape(-1)

@@ -15,12 +15,26 @@ What "identical" takes, read off torchvision's `nms_kernel_impl` (csrc/ops/cpu/n
     threshold is therefore rounded *down* to float32 on the host, which makes the float32 comparison
     give the double one's answer; a traced threshold is compared in float32.
 
-Algorithm: sort once, then a `lax.while_loop` with one iteration per *kept* box: take the first
-still-alive box in score order, emit it, and kill every alive box overlapping it by more than the
-threshold. The loop stops after `max_output` kept boxes or when nothing is alive, so it costs
-O(kept * N) work and O(N) memory (no [N, N] IoU matrix), and asking for 100 of 5000 detections costs
-100 iterations. Under `vmap` the loop runs until the longest batch member is done.
+Two algorithms keep the same boxes; `method="auto"` (the default) picks one per platform inside the
+program (`lax.platform_dependent`, so a program lowered for TPU or GPU from a CPU host gets the
+accelerator form):
+  * "greedy" (CPU): sort once, then a `lax.while_loop` with one iteration per *kept* box: take the
+    first still-alive box in score order, emit it, and kill every alive box overlapping it by more
+    than the threshold. It stops after `max_output` kept boxes or when nothing is alive: O(kept * N)
+    work, O(N) memory, the fastest form on a CPU. On an accelerator each iteration is a few small
+    kernels, up to 2000 of them in sequence per training step.
+  * "tiled" (TPU, GPU; MLPerf's and TF Model Garden's form): the sorted boxes in tiles of
+    `tile_size`; tile by tile, the boxes any kept box of the earlier tiles overlaps are dropped
+    ([T, T] IoU blocks, one per earlier tile), then the tile suppresses within itself by iterating
+    `keep_j = cand_j and not any(keep_i and IoU_ij > t, i < j)` to its fixed point, which is the
+    greedy answer (after k rounds the first k boxes are settled; it usually takes a handful). The
+    loops run over tiles and rounds, never over kept boxes; it stops after the tile in which
+    `max_output` boxes are kept. O(N^2) IoUs in [T, T] blocks (matrix-unit shaped). Unlike TF's and
+    MLPerf's `_self_suppression` (which hard-code 0.5), the threshold and the strict `>` are the
+    caller's at every step.
+Both evaluate each IoU with the same float32 expression in the same order: they agree bit for bit.
 """
+import functools
 import operator
 from typing import Optional, Tuple
 
@@ -31,9 +45,14 @@ import numpy as np
 from maskrcnn_jax.ops.boxes import box_area
 from maskrcnn_jax.types import Array
 
+METHODS = ("auto", "greedy", "tiled")
+TILE_SIZE = 512
+"""The tiled form's default tile (MLPerf's TPU Mask R-CNN uses 512)."""
+
 
 def nms(boxes: Array, scores: Array, iou_threshold: float, max_output: int,
-        valid: Optional[Array] = None) -> Tuple[Array, Array]:
+        valid: Optional[Array] = None, method: str = "auto",
+        tile_size: int = TILE_SIZE) -> Tuple[Array, Array]:
   """Greedy NMS of one image's boxes, the indices `torchvision.ops.nms` keeps, in its order.
 
   Args:
@@ -50,6 +69,9 @@ def nms(boxes: Array, scores: Array, iou_threshold: float, max_output: int,
     valid: [N] bool or None (all valid). Invalid boxes are never kept and never suppress others, so
       the result equals torchvision's on `boxes[valid]`, mapped back to indices of the full input.
       Their coordinates and scores may be anything, NaN included.
+    method: "auto" (greedy on CPU, tiled elsewhere, chosen when the program is lowered), "greedy"
+      or "tiled"; all keep the same indices.
+    tile_size: static int > 0, the tile of the tiled form.
 
   Returns:
     indices: [max_output] int32 indices into `boxes` of the kept boxes, by decreasing score;
@@ -57,14 +79,16 @@ def nms(boxes: Array, scores: Array, iou_threshold: float, max_output: int,
     valid: [max_output] bool, True for the first k slots, k = min(max_output, number kept).
 
   Raises:
-    ValueError: on shapes other than the above or a negative / non-integer `max_output`.
+    ValueError: on shapes other than the above, a negative / non-integer `max_output` or an
+      unknown `method`.
   """
   n = _check_inputs("nms", boxes, scores, valid, max_output)
-  return _greedy_nms(boxes, scores, None, iou_threshold, max_output, valid, n)
+  return _nms(boxes, scores, None, iou_threshold, max_output, valid, n, method, tile_size)
 
 
 def batched_nms(boxes: Array, scores: Array, classes: Array, iou_threshold: float, max_output: int,
-                valid: Optional[Array] = None) -> Tuple[Array, Array]:
+                valid: Optional[Array] = None, method: str = "auto",
+                tile_size: int = TILE_SIZE) -> Tuple[Array, Array]:
   """Class-aware greedy NMS: a box only suppresses boxes of its own class.
 
   Keeps the indices `torchvision.ops.batched_nms` keeps, in decreasing score order (ties by input
@@ -82,6 +106,7 @@ def batched_nms(boxes: Array, scores: Array, classes: Array, iou_threshold: floa
     iou_threshold: as in `nms`.
     max_output: static int >= 0, the number of output slots.
     valid: [N] bool or None (all valid). Invalid boxes are never kept and never suppress others.
+    method, tile_size: as in `nms`.
 
   Returns:
     indices: [max_output] int32 indices into `boxes` of the kept boxes, by decreasing score;
@@ -95,7 +120,7 @@ def batched_nms(boxes: Array, scores: Array, classes: Array, iou_threshold: floa
   if jnp.ndim(classes) != 1 or jnp.shape(classes)[0] != n:
     raise ValueError(f"batched_nms: classes must have shape [N] = [{n}] to match boxes "
                      f"{jnp.shape(boxes)}; got {jnp.shape(classes)}.")
-  return _greedy_nms(boxes, scores, classes, iou_threshold, max_output, valid, n)
+  return _nms(boxes, scores, classes, iou_threshold, max_output, valid, n, method, tile_size)
 
 
 def _check_inputs(name, boxes, scores, valid, max_output) -> int:
@@ -152,8 +177,12 @@ def _iou(box: Array, boxes: Array) -> Array:
   return inter / (box_area(box) + box_area(boxes) - inter)
 
 
-def _greedy_nms(boxes, scores, classes, iou_threshold, max_output, valid, n):
+def _nms(boxes, scores, classes, iou_threshold, max_output, valid, n, method, tile_size):
   """Shared body of `nms` and `batched_nms` (classes None: class-agnostic)."""
+  if method not in METHODS:
+    raise ValueError(f"nms: method must be one of {METHODS}; got {method!r}.")
+  if operator.index(tile_size) <= 0:
+    raise ValueError(f"nms: tile_size must be a positive int; got {tile_size!r}.")
   max_output = operator.index(max_output)
   if n == 0 or max_output == 0:
     return jnp.zeros((max_output,), jnp.int32), jnp.zeros((max_output,), bool)
@@ -165,7 +194,20 @@ def _greedy_nms(boxes, scores, classes, iou_threshold, max_output, valid, n):
   order = jnp.argsort(-scores, stable=True).astype(jnp.int32)
   sorted_boxes = boxes[order]
   alive = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid, bool)[order]
-  sorted_classes = None if classes is None else jnp.asarray(classes, jnp.int32)[order]
+  sorted_classes = (jnp.zeros((n,), jnp.int32) if classes is None
+                    else jnp.asarray(classes, jnp.int32)[order])
+  greedy = functools.partial(_greedy, max_output=max_output)
+  tiled = functools.partial(_tiled, max_output=max_output, tile_size=tile_size)
+  args = (order, sorted_boxes, sorted_classes, alive, threshold)
+  if method == "greedy":
+    return greedy(*args)
+  if method == "tiled":
+    return tiled(*args)
+  return jax.lax.platform_dependent(*args, cpu=greedy, default=tiled)
+
+
+def _greedy(order, sorted_boxes, sorted_classes, alive, threshold, max_output):
+  """Greedy NMS in score order: one while-loop iteration per kept box."""
 
   def cond(carry):
     alive, _, count, pos = carry
@@ -174,8 +216,7 @@ def _greedy_nms(boxes, scores, classes, iou_threshold, max_output, valid, n):
   def body(carry):
     alive, kept, count, pos = carry
     suppress = _iou(sorted_boxes[pos], sorted_boxes) > threshold  # NaN compares False.
-    if sorted_classes is not None:
-      suppress &= sorted_classes == sorted_classes[pos]
+    suppress &= sorted_classes == sorted_classes[pos]
     alive = alive & ~suppress
     alive = alive.at[pos].set(False)
     kept = kept.at[count].set(order[pos])
@@ -187,3 +228,63 @@ def _greedy_nms(boxes, scores, classes, iou_threshold, max_output, valid, n):
           jnp.argmax(alive).astype(jnp.int32))
   _, kept, count, _ = jax.lax.while_loop(cond, body, init)
   return kept, jnp.arange(max_output) < count
+
+
+def _tiled(order, sorted_boxes, sorted_classes, alive, threshold, max_output, tile_size):
+  """Tiled NMS in score order (see the module docstring): loops over tiles and fixed-point
+  rounds, [T, T] IoU blocks, no scatter; the same kept set as `_greedy`."""
+  n = sorted_boxes.shape[0]
+  t = min(operator.index(tile_size), n)
+  num_tiles = -(-n // t)
+  pad = num_tiles * t - n
+  boxes = jnp.pad(sorted_boxes, ((0, pad), (0, 0))).reshape(num_tiles, t, 4)
+  classes = jnp.pad(sorted_classes, (0, pad)).reshape(num_tiles, t)
+  cand0 = jnp.pad(alive, (0, pad)).reshape(num_tiles, t)
+  earlier = jnp.arange(t)[:, None] < jnp.arange(t)[None, :]  # [i, j]: i before j in a tile
+
+  def overlaps(bi, ci, bj, cj):
+    """[T, T] bool: box i (of bi) would suppress box j (of bj)."""
+    iou = _iou(bi[:, None, :], bj[None, :, :])  # NaN compares False.
+    return (iou > threshold) & (ci[:, None] == cj[None, :])
+
+  def tile_cond(carry):
+    tile, _, count = carry
+    return (tile < num_tiles) & (count < max_output)
+
+  def tile_body(carry):
+    tile, keep, count = carry
+    bj, cj = boxes[tile], classes[tile]
+
+    def by_earlier_tile(s, cand):
+      return cand & ~jnp.any(overlaps(boxes[s], classes[s], bj, cj) & keep[s][:, None], axis=0)
+
+    cand = jax.lax.fori_loop(0, tile, by_earlier_tile, cand0[tile])
+    within = overlaps(bj, cj, bj, cj) & earlier
+
+    def round_cond(c):
+      return c[1]
+
+    def round_body(c):
+      x, _ = c
+      new = cand & ~jnp.any(within & x[:, None], axis=0)
+      return new, jnp.any(new != x)
+
+    x, _ = jax.lax.while_loop(round_cond, round_body, (cand, jnp.bool_(True)))
+    # A select, not dynamic_update_slice: under vmap (the RPN's levels) the tile counter is
+    # batched and an update at a batched index would become a scatter.
+    keep = jnp.where((jnp.arange(num_tiles) == tile)[:, None], x[None, :], keep)
+    return tile + 1, keep, count + jnp.sum(x, dtype=jnp.int32)
+
+  _, keep, _ = jax.lax.while_loop(
+      tile_cond, tile_body, (jnp.int32(0), jnp.zeros((num_tiles, t), bool), jnp.int32(0)))
+  keep = keep.reshape(-1)
+  m = num_tiles * t
+  k = min(max_output, m)
+  # The first k kept positions in score order: top_k of (m - position) over kept ones.
+  rank, pos = jax.lax.top_k(jnp.where(keep, m - jnp.arange(m, dtype=jnp.int32), 0), k)
+  ok = rank > 0
+  kept = jnp.where(ok, order[jnp.minimum(pos, n - 1)], 0)
+  if k < max_output:
+    kept = jnp.pad(kept, (0, max_output - k))
+    ok = jnp.pad(ok, (0, max_output - k))
+  return kept.astype(jnp.int32), ok

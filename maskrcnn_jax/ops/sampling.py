@@ -7,13 +7,23 @@ import jax.numpy as jnp
 from maskrcnn_jax.types import Array
 
 
-def _random_rank(key: Array, mask: Array) -> Array:
-  """Rank of each True entry in a uniformly random order of the True entries (False ones: n)."""
+def _first_k_random(key: Array, mask: Array, k: Array, max_k: int) -> Array:
+  """[n] bool: the True entries of `mask` that come first, at most `k` of them, in a uniformly
+  random order of the True entries (ties in the random keys broken by index, as a stable sort).
+
+  A top-k threshold instead of a full sort and an inverse permutation (a scatter): the first k of
+  `lax.top_k` (values descending, equal values lower index first) are exactly the entries above
+  the k-th one's (value, index). `k` may be traced; `max_k` is its static bound.
+  """
   n = mask.shape[0]
-  keys = jnp.where(mask, jax.random.uniform(key, (n,)), 2.0)
-  order = jnp.argsort(keys)
-  rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-  return jnp.where(mask, rank, n)
+  score = jnp.where(mask, -jax.random.uniform(key, (n,)), -2.0)  # higher score: earlier
+  m = max(1, min(int(max_k), n))
+  top, idx = jax.lax.top_k(score, m)
+  last = jnp.clip(k, 1, m) - 1
+  t_val, t_idx = top[last], idx[last]
+  index = jnp.arange(n, dtype=idx.dtype)
+  first = (score > t_val) | ((score == t_val) & (index <= t_idx))
+  return mask & first & (k > 0)
 
 
 def sample_balanced(key: Array, positive: Array, negative: Array, num_samples: int,
@@ -35,9 +45,9 @@ def sample_balanced(key: Array, positive: Array, negative: Array, num_samples: i
   """
   kp, kn = jax.random.split(key)
   max_pos = int(num_samples * positive_fraction)
-  pos = positive & (_random_rank(kp, positive) < max_pos)
-  num_neg = num_samples - jnp.sum(pos)
-  neg = negative & (_random_rank(kn, negative) < num_neg)
+  pos = _first_k_random(kp, positive, jnp.int32(max_pos), max_pos)
+  num_neg = num_samples - jnp.sum(pos, dtype=jnp.int32)
+  neg = _first_k_random(kn, negative, num_neg, num_samples)
   return pos, neg
 
 
@@ -51,9 +61,11 @@ def sample_indices(key: Array, positive: Array, negative: Array, num_samples: in
     valid: [num_samples] bool (False on slots left empty when candidates run out).
   """
   pos, neg = sample_balanced(key, positive, negative, num_samples, positive_fraction)
-  # Positives first, then negatives, each in index order; stable for reproducibility.
-  priority = jnp.where(pos, 2, jnp.where(neg, 1, 0))
-  order = jnp.argsort(-priority, stable=True)[:num_samples].astype(jnp.int32)
+  # Positives first, then negatives, each in index order (lax.top_k puts equal values in index
+  # order): a partial sort, no scatter.
+  priority = jnp.where(pos, 2, jnp.where(neg, 1, 0)).astype(jnp.int32)
+  _, order = jax.lax.top_k(priority, min(num_samples, priority.shape[0]))
+  order = order.astype(jnp.int32)
   is_pos, valid = pos[order], (pos | neg)[order]
   short = num_samples - order.shape[0]  # fewer candidates than samples: empty slots
   if short > 0:

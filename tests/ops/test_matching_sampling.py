@@ -286,3 +286,40 @@ def test_sample_indices_fewer_candidates_than_samples():
   np.testing.assert_array_equal(valid, [True] * 5 + [False] * 5)
   np.testing.assert_array_equal(is_pos, [True] * 2 + [False] * 8)
   assert set(idx[:2]) == {0, 3} and set(idx[2:5]) == {1, 2, 5}
+
+
+@pytest.mark.parametrize("num_pos,num_neg,num_samples", [(50, 1000, 512), (300, 1000, 512),
+                                                         (3, 5, 16), (0, 0, 8), (600, 0, 256)])
+def test_sample_balanced_is_the_random_order_definition(num_pos, num_neg, num_samples):
+  """The samples are exactly the first candidates in the order of the key's uniforms (a numpy
+  stable sort of the same draws: the definition the top-k threshold implements, ties included)."""
+  n = 2000 if num_neg >= 1000 else 600
+  rng = np.random.default_rng(num_pos + 1)
+  pos, neg = _labels(rng, n, num_pos, num_neg)
+  for seed in range(3):
+    key = jax.random.key(seed)
+    sp, sn = map(np.asarray, sample_balanced(key, jnp.asarray(pos), jnp.asarray(neg),
+                                             num_samples, 0.25))
+    kp, kn = jax.random.split(key)
+
+    def first(k, mask, count):
+      u = np.where(mask, np.asarray(jax.random.uniform(k, (n,))), 2.0)
+      chosen = np.zeros(n, bool)
+      chosen[np.argsort(u, kind="stable")[:max(count, 0)]] = True
+      return chosen & mask
+    want_pos = first(kp, pos, int(num_samples * 0.25))
+    want_neg = first(kn, neg, num_samples - int(want_pos.sum()))
+    np.testing.assert_array_equal(sp, want_pos)
+    np.testing.assert_array_equal(sn, want_neg)
+
+
+def test_sample_balanced_tied_keys_break_by_index(monkeypatch):
+  """Equal random keys (here all of them) are taken in index order, as a stable sort takes them."""
+  monkeypatch.setattr(jax.random, "uniform", lambda key, shape: jnp.full(shape, 0.5))
+  pos = np.zeros(40, bool)
+  pos[[3, 9, 11, 20, 33]] = True
+  neg = ~pos
+  sp, sn = map(np.asarray, sample_balanced(jax.random.key(0), jnp.asarray(pos), jnp.asarray(neg),
+                                           8, 0.5))
+  np.testing.assert_array_equal(np.nonzero(sp)[0], [3, 9, 11, 20])
+  np.testing.assert_array_equal(np.nonzero(sn)[0], [0, 1, 2, 4])

@@ -1,5 +1,6 @@
 """`maskrcnn_jax.ops.nms`: the indices and order of `torchvision.ops.nms` / `batched_nms`."""
 import functools
+import importlib
 
 import chex
 import jax
@@ -13,6 +14,25 @@ from tests.conftest import torch_or_skip
 # Thresholds (and max_output) are static: they fix the compiled comparison and the output shape.
 nms_jit = jax.jit(nms, static_argnames=("iou_threshold", "max_output"))
 batched_nms_jit = jax.jit(batched_nms, static_argnames=("iou_threshold", "max_output"))
+
+# Every test runs both forms: greedy (what "auto" picks on CPU) and tiled (what it picks on TPU and
+# GPU), the latter with small tiles so that inputs span many tiles and stop early.
+TEST_TILE = 64
+
+
+@pytest.fixture(autouse=True, params=["greedy", "tiled"])
+def method(request, monkeypatch):
+  mod = __import__(__name__, fromlist=["_"])
+  kw = dict(method=request.param, tile_size=TEST_TILE)
+  nms_m = functools.partial(nms, **kw)
+  batched_m = functools.partial(batched_nms, **kw)
+  monkeypatch.setattr(mod, "nms", nms_m)
+  monkeypatch.setattr(mod, "batched_nms", batched_m)
+  monkeypatch.setattr(mod, "nms_jit", jax.jit(nms_m, static_argnames=("iou_threshold",
+                                                                      "max_output")))
+  monkeypatch.setattr(mod, "batched_nms_jit", jax.jit(batched_m, static_argnames=(
+      "iou_threshold", "max_output")))
+  return request.param
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,3 +353,58 @@ def test_batched_nms_vmap():
   for b in range(3):
     expected = torch_batched_nms(boxes[b], scores[b], classes[b], 0.5)
     assert_same_keep((indices[b], keep[b]), expected, 50)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiled form: adversarial inputs, and what each platform's program holds.
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("iou_threshold", [0.3, 0.5, 0.7])
+def test_chains_across_tiles(iou_threshold):
+  """A chain of boxes, each overlapping the next above the threshold and the one after below it,
+  scores falling along the chain: greedy keeps every other box, and the tiled form must carry the
+  alternation through each tile (as many fixed-point rounds as the tile is long) and across tile
+  boundaries; then the same chain with scores rising, shuffled."""
+  step = {0.3: 10.0, 0.5: 6.0, 0.7: 3.0}[iou_threshold]  # IoU(next) > t >= IoU(next but one)
+  n = 300
+  x = np.arange(n, dtype=np.float32) * step
+  boxes = np.stack([x, np.zeros(n), x + 20, np.full(n, 20.0)], 1).astype(np.float32)
+  for scores in (np.linspace(1, 0, n), np.linspace(0, 1, n)):
+    scores = scores.astype(np.float32)
+    expected = torch_nms(boxes, scores, iou_threshold)
+    assert 0.3 * n < len(expected) < 0.7 * n
+    assert_same_keep(nms_jit(boxes, scores, iou_threshold=iou_threshold, max_output=n),
+                     expected, n)
+    perm = np.random.default_rng(0).permutation(n)
+    expected = torch_nms(boxes[perm], scores[perm], iou_threshold)
+    assert_same_keep(nms_jit(boxes[perm], scores[perm], iou_threshold=iou_threshold,
+                             max_output=n), expected, n)
+
+
+def _lowered_ops(fn, args, platform):
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  return {op: text.count(f"stablehlo.{op}") for op in ("scatter", "while", "sort")}
+
+
+def test_auto_picks_greedy_on_cpu_and_tiled_on_accelerators(method):
+  """"auto" lowered for cpu holds the greedy loop (its kept-index scatter); for tpu and cuda the
+  tiled form: no scatter (the loops run over tiles and rounds)."""
+  if method != "greedy":
+    pytest.skip("one run is enough")
+  rng = np.random.default_rng(13)
+  boxes, scores = clustered_boxes(rng, 1000), rng.random(1000).astype(np.float32)
+  nms_ops = importlib.import_module("maskrcnn_jax.ops.nms")  # the default method, unpatched
+  fn = functools.partial(nms_ops.nms, iou_threshold=0.5, max_output=300)
+  cpu = _lowered_ops(fn, (boxes, scores), "cpu")
+  assert cpu["scatter"] >= 1 and cpu["while"] >= 1
+  for platform in ("tpu", "cuda"):
+    ops = _lowered_ops(fn, (boxes, scores), platform)
+    assert ops["scatter"] == 0 and ops["while"] >= 2, (platform, ops)
+  # The same program runs on this CPU with the greedy answer.
+  assert_same_keep(jax.jit(fn)(boxes, scores), torch_nms(boxes, scores, 0.5), 300)
+
+
+def test_unknown_method_raises():
+  with pytest.raises(ValueError, match="method must be one of"):
+    nms(np.zeros((3, 4), np.float32), np.zeros(3, np.float32), 0.5, 3, method="fast")
