@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -118,9 +119,16 @@ def make_train_step(model, tx: optax.GradientTransformation, learning_rate: Call
     b = batch["image"].shape[0]
     index = lax.axis_index(axis_name) * b + jnp.arange(b, dtype=jnp.int32)
     keys = example_keys(state.rng, state.step, index)
-    (total, (metrics, batch_stats)), grads = jax.value_and_grad(losses, has_aux=True)(
-        state.params, state.batch_stats, batch, keys)
-    grads = lax.pmean(grads, axis_name)
+    # Differentiate the trained leaves only: frozen stages get no weight gradients at all (not
+    # computed and then dropped), and only the trained gradients are averaged over devices.
+    trained, frozen = _split(state.params, trainable)
+
+    def trained_losses(trained, batch_stats, batch, keys):
+      return losses(_merge(trained, frozen), batch_stats, batch, keys)
+
+    (total, (metrics, batch_stats)), grads = jax.value_and_grad(trained_losses, has_aux=True)(
+        trained, state.batch_stats, batch, keys)
+    grads = _merge(lax.pmean(grads, axis_name), jax.tree.map(jnp.zeros_like, frozen))
     metrics = lax.pmean(dict(metrics, loss=total), axis_name)
     counted = grads if trainable is None else jax.tree.map(
         lambda g, t: g if t else jnp.zeros((), g.dtype), grads, trainable)
@@ -132,6 +140,22 @@ def make_train_step(model, tx: optax.GradientTransformation, learning_rate: Call
                          batch_stats=batch_stats), metrics
 
   return train_step
+
+
+def _split(params, trainable):
+  """(trained leaves, frozen leaves) of `params` as two flat {path: leaf} dicts (all trained when
+  `trainable` is None)."""
+  flat = traverse_util.flatten_dict(params, sep="/")
+  if trainable is None:
+    return flat, {}
+  mask = traverse_util.flatten_dict(trainable, sep="/")
+  return ({k: v for k, v in flat.items() if mask[k]},
+          {k: v for k, v in flat.items() if not mask[k]})
+
+
+def _merge(trained, frozen):
+  """Inverse of `_split`: the params tree."""
+  return traverse_util.unflatten_dict({**trained, **frozen}, sep="/")
 
 
 def make_parallel_step(train_step: Callable, mesh: jax.sharding.Mesh):

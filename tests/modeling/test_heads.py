@@ -98,17 +98,21 @@ def _batch(n=2, size=64):
               crowd_boxes=np.zeros((n, 1, 4), np.float32), crowd_valid=np.zeros((n, 1), bool))
 
 
-def _steps(model, batch, steps=2, frozen_stages=0):
+def _steps(model, batch, steps=2, frozen_stages=0, pass_trainable=False):
   """`steps` train steps on one device (the production step) -> (initial state, final state,
-  metrics per step)."""
+  metrics per step). `pass_trainable`: give the step the trainable mask, as train.py does (it
+  then differentiates the trained leaves only)."""
   training = tiny.get_config().training
   training.frozen_stages = frozen_stages
   training.clip_grad_norm = 0.0
   variables = quick_variables(model)
   tx = optimizer.make_optimizer(training, variables["params"])
   mesh = parallel.make_mesh(jax.devices()[:1])
+  trainable = (optimizer.trainable_mask(variables["params"], frozen_stages) if pass_trainable
+               else None)
   step = parallel.make_parallel_step(
-      parallel.make_train_step(model, tx, optimizer.learning_rate_schedule(training)), mesh)
+      parallel.make_train_step(model, tx, optimizer.learning_rate_schedule(training), trainable),
+      mesh)
   start = jax.device_get(TrainState.create(variables, tx, seed=1))
   state = parallel.replicate(start, mesh)
   metrics = []
@@ -346,3 +350,41 @@ def test_converter_reports_parts_without_a_torchvision_counterpart(toy_registere
   assert any(k.startswith("roi_heads.mask_predictor.") for k in report["missing"])
   with pytest.raises(ValueError, match=r"no torchvision counterpart \(4\): params/toy_head"):
     variables_from_state_dict(model, {})
+
+
+def test_frozen_stages_are_not_differentiated():
+  """With the trainable mask (train.py's step) the frozen stem and layer1 get no weight gradient
+  in the program (fewer convolutions in its jaxpr), and the step's result equals the step that
+  differentiates everything and drops the frozen gradients in the optimizer."""
+  c = tiny.get_config()
+  model = build_model(c.model, frozen_stages=1)
+  batch = _batch()
+  _, full, m_full = _steps(model, batch, steps=1, frozen_stages=1)
+  _, lean, m_lean = _steps(model, batch, steps=1, frozen_stages=1, pass_trainable=True)
+  for k in m_full[0]:  # grad_norm: of the trained leaves only when the step knows them
+    if k != "grad_norm":
+      np.testing.assert_allclose(m_lean[0][k], m_full[0][k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert m_lean[0]["grad_norm"] < m_full[0]["grad_norm"]
+  a, b = _flat(full.params), _flat(lean.params)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+  training = tiny.get_config().training
+  training.frozen_stages = 1
+  variables = quick_variables(model)
+  tx = optimizer.make_optimizer(training, variables["params"])
+  state = TrainState.create(variables, tx, seed=1)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+
+  def convs(trainable):
+    step = parallel.make_parallel_step(parallel.make_train_step(
+        model, tx, optimizer.learning_rate_schedule(training), trainable), mesh)
+    text = step.trace(state, {k: jnp.asarray(v) for k, v in batch.items()
+                              if k in model.batch_keys}).jaxpr.pretty_print()
+    return text.count("conv_general_dilated")
+  mask = optimizer.trainable_mask(variables["params"], 1)
+  frozen_kernels = sum(1 for k, t in traverse_util.flatten_dict(mask).items()
+                       if not t and k[-1] == "kernel")
+  assert frozen_kernels >= 2
+  assert convs(None) - convs(mask) >= frozen_kernels  # one weight-gradient conv per kernel
