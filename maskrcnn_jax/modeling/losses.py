@@ -8,6 +8,7 @@ from typing import Mapping, Tuple
 import jax
 import jax.numpy as jnp
 
+from maskrcnn_jax.ops.indexing import take_one_hot
 from maskrcnn_jax.ops.masks import select_class_channel
 from maskrcnn_jax.types import Array
 
@@ -65,9 +66,9 @@ def fastrcnn_loss(logits: Array, deltas: Array, labels: Array, targets: Array, v
   logits = logits.astype(jnp.float32)
   n = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
   logp = jax.nn.log_softmax(logits, axis=-1)
-  ce = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+  ce = -take_one_hot(logp, labels, axis=-1)
   loss_cls = jnp.sum(jnp.where(valid, ce, 0.0)) / n
-  picked = jnp.take_along_axis(deltas.astype(jnp.float32), labels[:, None, None], axis=1)[:, 0]
+  picked = take_one_hot(deltas.astype(jnp.float32), labels[:, None], axis=1)
   diff = jnp.where((valid & (labels > 0))[:, None], picked - targets, 0.0)  # as in rpn_loss
   loss_box = jnp.sum(smooth_l1(diff, beta)) / n
   return loss_cls, loss_box
@@ -143,6 +144,6 @@ def keypoint_loss(heatmap_logits: Array, targets: Array, valid: Array) -> Array:
                      f"{heatmap_logits.shape} without the last two axes")
   logits = heatmap_logits.astype(jnp.float32).reshape(lead + (-1,))
   logp = jax.nn.log_softmax(logits, axis=-1)
-  picked = jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  picked = take_one_hot(logp, targets, axis=-1)
   return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.maximum(jnp.sum(valid), 1).astype(
       jnp.float32)

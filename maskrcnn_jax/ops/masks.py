@@ -3,6 +3,7 @@ mask probabilities into the full image, as torchvision does it."""
 import jax
 import jax.numpy as jnp
 
+from maskrcnn_jax.ops.indexing import take_one_hot
 from maskrcnn_jax.ops.roi_align import roi_align_batched
 from maskrcnn_jax.types import Array
 
@@ -25,8 +26,7 @@ def select_class_channel(x: Array, labels: Array) -> Array:
     raise ValueError(f"x {x.shape} must be labels' shape {labels.shape} + [..., K]")
   if x.shape[-1] == 1:
     return x[..., 0]
-  idx = labels.astype(jnp.int32).reshape(labels.shape + (1,) * (spatial + 1))
-  return jnp.take_along_axis(x, idx, axis=-1)[..., 0]
+  return take_one_hot(x, labels.reshape(labels.shape + (1,) * spatial), axis=-1)
 
 
 def project_mask_crops(crops: Array, gt_boxes: Array, gt_index: Array, rois: Array,
