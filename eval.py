@@ -70,25 +70,25 @@ def _restore(config, ckpt_dir, step=None):
 def _checkpoint_source():
   """(checkpoints folder, step or None, workdir or None) from --workdir or --checkpoint. A
   --checkpoint folder's workdir is the folder above `checkpoints/`, if it sits in one."""
+  from maskrcnn_jax import paths  # local folders or URLs (gs://...), never made local
   if FLAGS.workdir:
-    workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
-    if not os.path.isdir(workdir):
+    workdir = paths.resolve(FLAGS.workdir)
+    if not paths.as_path(workdir).is_dir():
       raise UsageError(f"--workdir {FLAGS.workdir!r} does not exist")
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = paths.join(workdir, "checkpoints")
+    if not paths.as_path(ckpt_dir).is_dir():
       raise UsageError(f"--workdir {FLAGS.workdir!r} has no checkpoints/ folder (train first, or "
                        "pass --torchvision_weights)")
     return ckpt_dir, None, workdir
-  path = os.path.abspath(os.path.expanduser(FLAGS.checkpoint))
-  if not os.path.isdir(path):
+  path = paths.as_path(FLAGS.checkpoint)
+  if not path.is_dir():
     raise UsageError(f"--checkpoint {FLAGS.checkpoint!r} does not exist")
-  name = os.path.basename(path)
-  if not re.fullmatch(r"0|[1-9][0-9]*", name):  # orbax's step folder names
+  if not re.fullmatch(r"0|[1-9][0-9]*", path.name):  # orbax's step folder names
     raise UsageError(f"--checkpoint {FLAGS.checkpoint!r} is not a checkpoint folder "
                      "(WORKDIR/checkpoints/STEP)")
-  ckpt_dir = os.path.dirname(path)
-  workdir = os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints" else None
-  return ckpt_dir, int(name), workdir
+  ckpt_dir = path.parent
+  workdir = os.fspath(ckpt_dir.parent) if ckpt_dir.name == "checkpoints" else None
+  return os.fspath(ckpt_dir), int(path.name), workdir
 
 
 def main(argv):
@@ -112,7 +112,8 @@ def main(argv):
     ckpt_dir, step, workdir = _checkpoint_source()
     model, variables, step = _restore(config, ckpt_dir, step)
     if workdir is not None:
-      default_out = os.path.join(workdir, "eval", "final" if FLAGS.workdir else f"step_{step}")
+      from maskrcnn_jax import paths
+      default_out = paths.join(workdir, "eval", "final" if FLAGS.workdir else f"step_{step}")
     label_map = None
   else:
     from maskrcnn_jax.convert import from_torchvision
@@ -127,11 +128,13 @@ def main(argv):
     # torchvision's classes are COCO category ids; names are not known here.
     label_map = ({k: k for k in range(1, int(config.model.num_classes))},
                  [str(k) for k in range(int(config.model.num_classes))])
-  out_dir = FLAGS.out_dir or default_out
+  from maskrcnn_jax import paths
+  out_dir = paths.resolve(FLAGS.out_dir or default_out)
   try:
-    os.makedirs(out_dir, exist_ok=True)
-  except OSError as e:
-    raise UsageError(f"cannot write to {out_dir!r} ({e.strerror or e}): pass --out_dir") from None
+    paths.as_path(out_dir).mkdir(parents=True, exist_ok=True)
+  except Exception as e:  # noqa: BLE001 (OSError locally; the cloud backends raise their own)
+    raise UsageError(f"cannot write to {out_dir!r} ({getattr(e, 'strerror', None) or e}): pass "
+                     "--out_dir") from None
   inp = config.input
 
   if FLAGS.images:
@@ -172,7 +175,7 @@ def main(argv):
         f"{summary['num_images']} images")
   if workdir is not None and jax.process_index() == 0:
     from maskrcnn_jax.training.trainer import SummaryWriter
-    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    writer = SummaryWriter(paths.join(workdir, "tensorboard"))
     writer.scalars(step, evaluator.headline_metrics(summary), "eval")
     writer.flush()
   print(f"results.json, metrics.json and pictures in {out_dir}")

@@ -17,15 +17,16 @@ flags.DEFINE_string("workdir", None, "Folder for checkpoints, TensorBoard logs a
 
 
 def _check_workdir(workdir: str):
-  path = os.path.abspath(os.path.expanduser(workdir))
+  """A local folder or a URL (gs://...; never turned into a local path) that can be written."""
+  from maskrcnn_jax import paths
+  path = paths.as_path(workdir)
   try:
-    os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f".write_test_{os.getpid()}")
-    with open(probe, "w"):
-      pass
-    os.remove(probe)
-  except OSError as e:
-    _fail(f"cannot write to --workdir {workdir!r}: {e.strerror or e}")
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write_test_{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+  except Exception as e:  # noqa: BLE001 (OSError locally; the cloud backends raise their own)
+    _fail(f"cannot write to --workdir {workdir!r}: {getattr(e, 'strerror', None) or e}")
 
 
 def main(argv):

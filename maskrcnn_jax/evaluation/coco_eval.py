@@ -10,6 +10,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from maskrcnn_jax import paths
+
 # The numbers COCOeval.summarize() prints, in its order: 12 for bbox and segm, 10 for keypoints.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
               "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -224,6 +226,5 @@ def _per_category_ap(ev: COCOeval, coco_gt: COCO) -> Dict[str, float]:
 
 
 def save_results(path, records: Sequence[Mapping[str, Any]]) -> None:
-  """Writes COCO result records as JSON."""
-  with open(path, "w") as f:
-    json.dump(list(records), f)
+  """Writes COCO result records as JSON (`path` local or a URL)."""
+  paths.as_path(path).write_text(json.dumps(list(records)))

@@ -5,11 +5,11 @@ eval.py and by periodic evaluation during training.
 The split is read by `data.read_examples` (the pipeline's reader) and every image goes through
 `predict`'s torchvision-exact preprocessing; the ground truth is rebuilt from the same records."""
 import json
-import os
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from maskrcnn_jax import paths
 from maskrcnn_jax.evaluation import coco_eval
 from maskrcnn_jax.evaluation.inference import predict
 from maskrcnn_jax.evaluation.visualize import draw_predictions
@@ -149,18 +149,17 @@ def evaluate_split(model, variables, builder, split: str, *, min_size: int, max_
                                image_ids=[m["id"] for m in images_meta], verbose=verbose)
   summary["num_images"] = len(images_meta)
   summary["skipped"] = skipped
-  if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
-    coco_eval.save_results(os.path.join(out_dir, "results.json"), records)
-    path = os.path.join(out_dir, "metrics.json")
-    with open(path + ".tmp", "w") as f:  # whole or absent, even if interrupted
-      json.dump(summary, f, indent=1)
-    os.replace(path + ".tmp", path)
+  if out_dir:  # a local folder or a URL (gs://...)
+    paths.as_path(out_dir).mkdir(parents=True, exist_ok=True)
+    coco_eval.save_results(paths.join(out_dir, "results.json"), records)
+    # Whole or absent, even if interrupted.
+    paths.write_text_atomic(paths.join(out_dir, "metrics.json"), json.dumps(summary, indent=1))
     if pictures:
-      pic_dir = os.path.join(out_dir, "pictures")
-      os.makedirs(pic_dir, exist_ok=True)
+      pic_dir = paths.as_path(out_dir) / "pictures"
+      pic_dir.mkdir(parents=True, exist_ok=True)
       for img_id, pil in pictures:
-        pil.save(os.path.join(pic_dir, f"{img_id}.png"))
+        with (pic_dir / f"{img_id}.png").open("wb") as f:
+          pil.save(f, format="PNG")
   return summary
 
 
@@ -180,7 +179,7 @@ def make_training_evaluator(config, max_images: Optional[int] = None, num_pictur
                              min_size=int(inp.min_size), max_size=int(inp.max_size),
                              bucket=int(inp.bucket), batch_size=int(inp.batch_size),
                              max_images=max_images, num_pictures=num_pictures, verbose=False,
-                             out_dir=os.path.join(workdir, "eval", f"step_{step}"))
+                             out_dir=paths.join(workdir, "eval", f"step_{step}"))
     return headline_metrics(summary)
   return evaluate
 

@@ -13,6 +13,7 @@ import numpy as np
 from maskrcnn_jax.evaluation.coco_eval import to_coco_results
 from maskrcnn_jax.evaluation.inference import predict
 from maskrcnn_jax.evaluation.visualize import draw_predictions
+from maskrcnn_jax.paths import as_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -76,14 +77,15 @@ def export_predictions(model, variables, images: Sequence[np.ndarray], names: Se
     when the model predicts masks}; with a MaskIoU head, each detection's box and mask are two
     records, the mask's with the mask score and no bbox (`coco_eval.to_coco_results`).
   """
-  os.makedirs(out_dir, exist_ok=True)
+  out = as_path(out_dir)  # a local folder or a URL (gs://...)
+  out.mkdir(parents=True, exist_ok=True)
   results = predict(model, variables, list(images), **predict_kwargs)
   records = []
   for i, (image, name, res) in enumerate(zip(images, names, results)):
     records += [dict(file_name=name, **rec) for rec in
                 to_coco_results(i, res, mask_threshold=mask_threshold)]
     pic = draw_predictions(image, res, class_names, score_threshold=score_threshold)
-    pic.save(os.path.join(out_dir, os.path.splitext(os.path.basename(name))[0] + "_pred.png"))
-  with open(os.path.join(out_dir, "predictions.json"), "w") as f:
-    json.dump(records, f)
+    with (out / (os.path.splitext(os.path.basename(name))[0] + "_pred.png")).open("wb") as f:
+      pic.save(f, format="PNG")
+  (out / "predictions.json").write_text(json.dumps(records))
   return records

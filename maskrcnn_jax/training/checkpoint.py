@@ -11,7 +11,6 @@ the older ones were written by the same run).
 """
 import logging
 import os
-import shutil
 import time
 from typing import Any, Optional, Tuple
 
@@ -19,6 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from maskrcnn_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class Checkpointer:
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
     """`read_only` (evaluation): never creates, cleans up, moves or saves anything."""
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory)  # a gs:// URL stays one
     self.read_only = bool(read_only)
     if self.read_only:
       absl_logger = logging.getLogger("absl")  # orbax logs through absl.logging
@@ -100,12 +101,13 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handler)
 
   def _report_partial_saves(self):
-    if not os.path.isdir(self.directory):
+    directory = paths.as_path(self.directory)
+    if not directory.is_dir():
       return
-    for name in sorted(os.listdir(self.directory)):
+    for name in sorted(p.name for p in directory.iterdir()):
       if TMP_MARK in name:
         log.warning("ignoring the partial checkpoint %s (an interrupted save); it is removed",
-                    os.path.join(self.directory, name))
+                    paths.join(self.directory, name))
 
   def steps(self):
     return sorted(self.manager.all_steps())
@@ -114,7 +116,7 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return paths.join(self.directory, str(step))
 
   def save(self, step: int, state) -> bool:
     """Saves `state` (whose `step` is `step`) unless that step is saved already.
@@ -232,12 +234,12 @@ class Checkpointer:
   def _move_aside(self, steps):
     """Moves unreadable checkpoints out of the way, so the resumed run can save those steps."""
     self.manager.wait_until_finished()
-    target = os.path.join(os.path.dirname(self.directory), "checkpoints_corrupt")
+    target = paths.as_path(self.directory).parent / "checkpoints_corrupt"
     if jax.process_index() == 0:
-      os.makedirs(target, exist_ok=True)
+      target.mkdir(parents=True, exist_ok=True)
       for step in steps:
-        dst = os.path.join(target, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-        shutil.move(self.path(step), dst)
+        dst = os.fspath(target / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        paths.as_path(self.path(step)).rename(dst)
         log.warning("moved the unreadable checkpoint %s to %s", self.path(step), dst)
     _sync("maskrcnn_jax_move_corrupt_checkpoints")
     self.manager.reload()

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from maskrcnn_jax import paths
 from maskrcnn_jax.modeling.builder import build_model
 from maskrcnn_jax.modeling.mask_rcnn import BOX_LOSSES
 from maskrcnn_jax.training import (
@@ -126,22 +127,18 @@ def _diff(old, new, prefix=""):
 
 def _write_config(config, workdir: str):
   """Writes WORKDIR/config.json; on resume, logs what changed since the last run."""
-  path = os.path.join(workdir, "config.json")
+  path = paths.as_path(workdir) / "config.json"
   cfg = _config_dict(config)
-  if os.path.exists(path):
+  if path.exists():
     try:
-      with open(path) as f:
-        old = json.load(f)
+      old = json.loads(path.read_text())
       changes = _diff(old, cfg)
       if changes:
         log.warning("the config differs from the one in %s: %s", path, "; ".join(changes[:20]))
     except (OSError, ValueError):
       pass
   if jax.process_index() == 0:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(cfg, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    paths.write_text_atomic(path, json.dumps(cfg, indent=2, sort_keys=True))
 
 
 def _enable_compilation_cache(training):
@@ -299,8 +296,8 @@ def train_and_evaluate(config, workdir: str, *, evaluate: Optional[EvaluateFn] =
   training = config.training
   parallel.maybe_initialize_distributed(training)
   _enable_compilation_cache(training)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.resolve(workdir)  # a gs:// URL stays one
+  paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
   _write_config(config, workdir)
   is_main = jax.process_index() == 0
   say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
@@ -312,7 +309,7 @@ def train_and_evaluate(config, workdir: str, *, evaluate: Optional[EvaluateFn] =
   abstract = abstract_train_state(model, tx_fn, mesh)
   tx = tx_fn(abstract.params)
 
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+  checkpointer = ckpt_lib.Checkpointer(paths.join(workdir, "checkpoints"),
                                        keep=int(training.get("keep_checkpoints", 3)),
                                        async_save=bool(training.get("async_checkpointing", True)))
   preemption = _Preemption().__enter__()  # SIGTERM from here on stops at the next step boundary
@@ -347,7 +344,7 @@ def train_and_evaluate(config, workdir: str, *, evaluate: Optional[EvaluateFn] =
                                  optimizer.trainable_mask(abstract.params,
                                                           training.get("frozen_stages", 0))),
         mesh)
-    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    writer = SummaryWriter(paths.join(workdir, "tensorboard"))
     log_every = max(1, int(training.get("log_every", 10)))
     ckpt_every = int(training.get("checkpoint_every", 1000))
     eval_every = int(training.get("eval_every", 0))
