@@ -361,41 +361,68 @@ def train_and_evaluate(config, workdir: str, *, evaluate: Optional[EvaluateFn] =
         say(f"eval at step {step}: " + ", ".join(f"{k} {float(v):.4f}"
                                                   for k, v in sorted(results.items())))
 
-    # steps/s over the steps since the last progress line (the first step, which compiles, and
-    # evaluations are left out).
+    # The host does not wait for the device after each step: the step's metrics stay on the
+    # device (pending) while the next batch is read and put on the device, and are fetched
+    # together every log_every steps and before anything is saved or evaluated, when each
+    # step's losses and gradient norm are checked (check_finite), so a non-finite state is never
+    # saved. steps/s are over the steps since the last progress line (the first step, which
+    # compiles, and evaluations are left out).
+    pending = []  # (step, device metrics) not fetched yet
+    latest = {}  # the newest fetched step's metrics (host floats)
+
+    def fetch_metrics():
+      """Fetches and checks the pending steps' metrics; returns the newest step's."""
+      fetched = parallel.to_host([m for _, m in pending])
+      for (s, _), m in zip(pending, fetched):
+        latest.clear()
+        latest.update({k: float(v) for k, v in m.items()})
+        check_finite(latest, s, last_saved)
+      pending.clear()
+      return dict(latest)
+
     window_start, window_steps = time.time(), 0
     step = start
+    if step < total_steps:
+      next_batch = next(batches)
+      _check_batch_keys(model, next_batch)
+      next_device = parallel.global_batch(next_batch, mesh, model.batch_keys)
     while step < total_steps:
-      local_batch = next(batches)
-      if step == start:
-        _check_batch_keys(model, local_batch)
+      local_batch, device_batch = next_batch, next_device
       t = time.time()
-      state, metrics = step_fn(state, parallel.global_batch(local_batch, mesh, model.batch_keys))
-      metrics = {k: float(v) for k, v in parallel.to_host(metrics).items()}
+      state, metrics = step_fn(state, device_batch)  # dispatched; runs while the host goes on
       step += 1
+      pending.append((step, metrics))
+      if step < total_steps:  # the next batch, read and sent while this step runs
+        next_batch = next(batches)
+        next_device = parallel.global_batch(next_batch, mesh, model.batch_keys)
       if step == start + 1:
+        fetch_metrics()
         say(f"first step (with compilation) took {time.time() - t:.1f}s")
         window_start, window_steps = time.time(), 0
       else:
         window_steps += 1
-      check_finite(metrics, step, last_saved)
+      save_now = (ckpt_every > 0 and step % ckpt_every == 0) or step == total_steps
+      evaluate_now = eval_every > 0 and (step % eval_every == 0 or step == total_steps)
+      if step % log_every == 0 or save_now or evaluate_now:
+        host = fetch_metrics()
       if step % log_every == 0 or step == total_steps:
         elapsed = time.time() - window_start
         rate = window_steps / elapsed if elapsed > 0 and window_steps else 0.0
-        say(progress_line(step, total_steps, rate, metrics))
-        writer.scalars(step, dict(metrics, steps_per_sec=rate), "train")
+        say(progress_line(step, total_steps, rate, host))
+        writer.scalars(step, dict(host, steps_per_sec=rate), "train")
         window_start, window_steps = time.time(), 0
       saved = False
-      if (ckpt_every > 0 and step % ckpt_every == 0) or step == total_steps:
+      if save_now:
         saved = checkpointer.save(step, state)
         last_saved = step
-      for hook in hooks:
+      for hook in hooks:  # metrics as device arrays (float() fetches one)
         hook(step, state, metrics, local_batch)
-      if eval_every > 0 and (step % eval_every == 0 or step == total_steps):
+      if evaluate_now:
         run_evaluate(step)
         window_start, window_steps = time.time(), 0
       if preemption.any_process():
         if not saved:
+          fetch_metrics()  # a non-finite state is not saved
           checkpointer.save(step, state)
         checkpointer.wait()
         say(f"preempted (SIGTERM): saved step {step} in {checkpointer.path(step)}; rerun the "
