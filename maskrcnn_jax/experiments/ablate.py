@@ -128,7 +128,7 @@ def _check_settings(rdir: str, settings: Dict, create: bool = False) -> None:
                              " pass another --workdir")
   elif create:
     os.makedirs(rdir, exist_ok=True)
-    _write_json(path, dict(settings, train_s=0.0, eval_s=0.0))
+    _write_json(path, dict(settings, train_s=0.0, eval_s=0.0, commit=_commit(), cpu=_cpu()))
 
 
 def expected_config(config: str, seed: int) -> Dict:
@@ -247,6 +247,17 @@ def _commit() -> Optional[str]:
   return out.stdout.strip() or None
 
 
+def _cpu() -> Optional[str]:
+  """The machine's CPU model and core count (runs on different machines differ slightly: XLA
+  compiles for the CPU it runs on)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+  except OSError:
+    return None
+  return f"{models[0]} x{len(models)}" if models else None
+
+
 def record_run(rdir: str, record_dir: str, settings: Dict) -> str:
   """Writes the record of the finished run in `rdir` (metrics, times, resolved config)."""
   with open(metrics_path(rdir)) as f:
@@ -259,7 +270,8 @@ def record_run(rdir: str, record_dir: str, settings: Dict) -> str:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   _write_json(path, dict(
       settings, metrics={k: metrics[k] for k in ("segm", "bbox") if k in metrics},
-      train_s=info.get("train_s", 0.0), eval_s=info.get("eval_s", 0.0), commit=_commit(),
+      train_s=info.get("train_s", 0.0), eval_s=info.get("eval_s", 0.0),
+      commit=info.get("commit"), cpu=info.get("cpu"), recorded_with=_commit(),
       recorded=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       resolved_config=config))
   return path
