@@ -31,6 +31,7 @@ from typing import Dict, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+import _programs  # noqa: E402  (the production programs, built from a config)
 
 _common.add_repo_to_path()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -41,73 +42,6 @@ KINDS = {"stablehlo.gather": "gather", "stablehlo.dynamic_gather": "gather",
          "stablehlo.convolution": "conv", "stablehlo.dot_general": "dot"}
 COLUMNS = ("gather", "scatter", "sort", "while", "conv", "dot")
 _ORIGIN = re.compile(r'maskrcnn_jax/([\w/]+\.py)"?:(\d+)')
-
-
-def load_config(path: str, canvas: int = 0):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("hlo_report_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  if canvas:
-    config.data.image_size = (canvas, canvas)
-  return config
-
-
-def abstract_batch(config, model, batch: int) -> Dict:
-  """ShapeDtypeStructs of one device's training batch, as the data pipeline makes it."""
-  import jax
-  import numpy as np
-  d = config.data
-  h, w = tuple(d.image_size)
-  m, mc = int(d.get("max_instances", 100)), int(d.get("max_crowd_instances", 20))
-  s = int(d.get("mask_crop_size", 112))
-  k = int(config.model.get("keypoint_head", {}).get("num_keypoints", 17))
-  shapes = dict(image=((batch, h, w, 3), np.float32), image_size=((batch, 2), np.int32),
-                gt_boxes=((batch, m, 4), np.float32), gt_classes=((batch, m), np.int32),
-                gt_valid=((batch, m), bool), crowd_boxes=((batch, mc, 4), np.float32),
-                crowd_valid=((batch, mc), bool),
-                gt_masks=((batch, m, s, s), np.dtype(d.get("mask_dtype", "float32"))),
-                gt_keypoints=((batch, m, k, 3), np.float32))
-  missing = [key for key in model.batch_keys if key not in shapes]
-  if missing:
-    raise SystemExit(f"hlo_report: no shape known for batch keys {missing}")
-  return {key: jax.ShapeDtypeStruct(*shapes[key]) for key in model.batch_keys}
-
-
-def lower_train_step(config, batch: int):
-  """(jitted production step, abstract args) on a one-device mesh."""
-  import jax
-
-  from maskrcnn_jax.training import optimizer, parallel, trainer
-  model = trainer.model_from_config(config)
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  training = config.training
-  tx_fn = lambda params: optimizer.make_optimizer(training, params)
-  state = trainer.abstract_train_state(model, tx_fn, mesh)
-  step = parallel.make_parallel_step(
-      parallel.make_train_step(model, tx_fn(state.params),
-                               optimizer.learning_rate_schedule(training),
-                               optimizer.trainable_mask(state.params,
-                                                        int(training.get("frozen_stages", 0)))),
-      mesh)
-  return step, (state, abstract_batch(config, model, batch))
-
-
-def lower_predict(config, batch: int):
-  """(jitted forward of `predict`, abstract args): normalized images on the config's canvas."""
-  import jax
-  import numpy as np
-
-  from maskrcnn_jax.evaluation import inference
-  from maskrcnn_jax.modeling.builder import build_model
-  from maskrcnn_jax.training import initialization
-  model = build_model(config.model)
-  variables = jax.eval_shape(lambda: initialization.random_variables(model, 0))
-  h, w = tuple(config.data.image_size)
-  sizes = jax.ShapeDtypeStruct((batch, 2), np.int32)
-  fn = jax.jit(lambda v, im, s, p: inference._forward.__wrapped__(model, v, im, s, p))
-  return fn, (variables, jax.ShapeDtypeStruct((batch, h, w, 3), np.float32), sizes, sizes)
 
 
 def census(lowered) -> Tuple[collections.Counter, Dict[str, collections.Counter]]:
@@ -154,15 +88,15 @@ def main():
   p.add_argument("--canvas", type=int, default=0, help="square canvas (default: the config's)")
   p.add_argument("--by_origin", action="store_true")
   args = p.parse_args()
-  config = load_config(args.config, args.canvas)
+  config = _programs.load_config(args.config, args.canvas)
   print(f"config {os.path.relpath(args.config, _common.REPO_ROOT)}, canvas "
         f"{tuple(config.data.image_size)}, {args.batch} image(s) per device")
-  makers = dict(train=lower_train_step, predict=lower_predict)
+  makers = dict(train=_programs.train_step, predict=_programs.forward)
   header = ("| program | platform | " + " | ".join(COLUMNS)
             + " | GFLOP/image | GB accessed/image | lower s |")
   rows, origins = [header, "|" + "---|" * (len(COLUMNS) + 5)], []
   for what in args.what.split(","):
-    fn, fargs = makers[what](config, args.batch)
+    fn, fargs = makers[what](config, args.batch, abstract=True)
     traced = fn.trace(*fargs)
     for platform in args.platforms.split(","):
       start = time.time()
