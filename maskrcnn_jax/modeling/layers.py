@@ -18,6 +18,37 @@ def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, use_bias
                  dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+class Conv1x1PerLabel(nn.Module):
+  """A 1x1 conv to `features` channels with nn.Conv's variables (`kernel` [1, 1, C, features],
+  `bias` [features]; the same names, shapes and init, so weights convert as for `conv`) that,
+  given each row's label, computes only that row's channel.
+
+  Per-class predictors whose loss reads one class per row (the per-class sigmoid mask loss) pay
+  for 1 channel instead of `features`: the label's kernel column is picked with a one-hot
+  contraction (its gradient dense, no scatter), then contracted with the row's features.
+  """
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, labels=None):
+    """x: [N, H, W, C]; labels: [N] int32 in [0, features) or None.
+
+    Returns [N, H, W, features] (labels None) or [N, H, W, 1], the labelled channel."""
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (1, 1, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    x = x.astype(self.dtype)
+    w = kernel[0, 0].astype(self.dtype)  # [C, K]
+    b = bias.astype(self.dtype)
+    if labels is None:
+      return jnp.einsum("nhwc,ck->nhwk", x, w) + b
+    hot = (labels[:, None] == jnp.arange(self.features)).astype(self.dtype)  # [N, K]
+    w_row = jnp.einsum("ck,nk->nc", w, hot)
+    b_row = jnp.einsum("k,nk->n", b, hot)
+    return (jnp.einsum("nhwc,nc->nhw", x, w_row) + b_row[:, None, None])[..., None]
+
+
 NORM_TYPES = ("none", "frozen_bn", "bn", "bn_frozen_stats", "gn")
 """Normalization layers a config section may ask for (`norm`):
 

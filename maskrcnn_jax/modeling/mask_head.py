@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from maskrcnn_jax.modeling.layers import ConvTranspose2x2, Norm, check_norm, conv
+from maskrcnn_jax.modeling.layers import Conv1x1PerLabel, ConvTranspose2x2, Norm, check_norm
 from maskrcnn_jax.modeling.losses import maskrcnn_loss, maskrcnn_softmax_loss
 from maskrcnn_jax.modeling.poolers import RoIPooler
 from maskrcnn_jax.modeling.roi_heads import HeadContext, RoIHead
@@ -82,19 +82,28 @@ class MaskHeadBase(RoIHead):
     own = jnp.arange(logits.shape[-1]) == channel.reshape(channel.shape + (1, 1, 1))
     return picked - jax.nn.logsumexp(jnp.where(own, -jnp.inf, logits), axis=-1)
 
-  def _logits(self, ctx: HeadContext, boxes: Array, valid: Array):
-    """boxes [B, N, 4] -> (pooled [B, N, S, S, C], logits [B, N, 2S, 2S, mask_channels])."""
+  # Whether __call__ takes `labels` and then computes only each RoI's labelled channel.
+  per_label_logits = False
+
+  def _logits(self, ctx: HeadContext, boxes: Array, valid: Array, labels: Array):
+    """boxes [B, N, 4], labels [B, N] -> (pooled [B, N, S, S, C], logits [B, N, 2S, 2S, M]):
+    M = mask_channels, or 1 (the labelled class' channel) where the head computes only that one
+    (per-class sigmoid: all that the loss and the predictions read)."""
     pooled = ctx.pool(self.pooler, boxes)
     b, n = pooled.shape[:2]
+    kw = {}
+    if self.per_label_logits and self.loss_type == "sigmoid" and not self.class_agnostic:
+      kw["labels"] = labels.reshape(-1)
     logits = self(pooled.reshape((b * n,) + pooled.shape[2:]), ctx.train, ctx.axis_name,
-                  valid.reshape(-1))
+                  valid.reshape(-1), **kw)
     return pooled, logits.reshape((b, n) + logits.shape[1:])
 
   def predict(self, ctx: HeadContext, detections: Mapping[str, Array]) -> Dict[str, Array]:
     """Returns masks [B, D, 2S, 2S] (the labelled class' probability) and, for later heads,
     mask_probs (the same), mask_features [B, D, S, S, C] and mask_logits [B, D, 2S, 2S] (the
     labelled class', `class_logits`)."""
-    pooled, logits = self._logits(ctx, detections["boxes"], detections["valid"])
+    pooled, logits = self._logits(ctx, detections["boxes"], detections["valid"],
+                                  detections["labels"])
     picked = self.class_logits(logits, detections["labels"])
     probs = jax.nn.sigmoid(picked)
     return dict(masks=probs, mask_probs=probs, mask_features=pooled, mask_logits=picked)
@@ -106,7 +115,7 @@ class MaskHeadBase(RoIHead):
     `predict`) and mask_targets [B, P, 2S, 2S]."""
     if batch.get("gt_masks") is None:
       raise ValueError("a model with a mask head needs gt_masks to train")
-    pooled, logits = self._logits(ctx, samples.rois, samples.valid)
+    pooled, logits = self._logits(ctx, samples.rois, samples.valid, samples.classes)
     targets = jax.vmap(project_mask_crops, in_axes=(0, 0, 0, 0, None))(
         batch["gt_masks"], batch["gt_boxes"].astype(jnp.float32), samples.gt_index, samples.rois,
         logits.shape[2])
@@ -146,11 +155,15 @@ class MaskHead(MaskHeadBase):
                        "(0 means layers[-1])")
     super().__post_init__()
 
-  @nn.compact
-  def __call__(self, x, train: bool = False, axis_name=None, mask=None):
-    """x: [N, S, S, C] pooled features; mask: [N] bool RoIs that count in batch statistics.
+  per_label_logits = True
 
-    Returns mask logits [N, 2S, 2S, mask_channels] float32."""
+  @nn.compact
+  def __call__(self, x, train: bool = False, axis_name=None, mask=None, labels=None):
+    """x: [N, S, S, C] pooled features; mask: [N] bool RoIs that count in batch statistics;
+    labels: [N] int32 or None.
+
+    Returns mask logits [N, 2S, 2S, mask_channels] float32, or with `labels` [N, 2S, 2S, 1]: each
+    RoI's labelled channel only (the 1x1 predictor computes nothing else)."""
     for i, ch in enumerate(self.layers):
       x = nn.Conv(ch, (3, 3), padding=((self.dilation,) * 2,) * 2,
                   kernel_dilation=(self.dilation,) * 2, use_bias=self.norm == "none",
@@ -159,8 +172,8 @@ class MaskHead(MaskHeadBase):
           x, train, axis_name, mask))
     width = self.deconv_channels or self.layers[-1]
     x = nn.relu(ConvTranspose2x2(width, self.dtype, name="conv5_mask")(x))
-    return conv(self.mask_channels, 1, dtype=self.dtype, name="mask_fcn_logits")(x).astype(
-        jnp.float32)
+    return Conv1x1PerLabel(self.mask_channels, self.dtype, name="mask_fcn_logits")(
+        x, labels).astype(jnp.float32)
 
 
 class MLPMaskHead(MaskHeadBase):

@@ -318,3 +318,33 @@ def test_tiny_model_builds_trains_and_predicts(overrides, channels):
   losses, out = jax.eval_shape(run, variables, batch)
   assert losses["loss_mask"].shape == () and losses["loss_mask"].dtype == jnp.float32
   assert out["masks"].shape == (1, 10, 28, 28)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_per_label_logits_equal_the_labelled_channel_of_all(dtype):
+  """The FCN head given labels computes only each RoI's labelled channel (what the per-class
+  sigmoid loss and the predictions read): equal to picking it from all channels, values and the
+  loss's gradients (float tolerance)."""
+  head = MaskHead(num_classes=7, pooler=None, layers=(8, 8), dtype=dtype)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(6, 7, 7, 5)), jnp.float32)
+  labels = jnp.asarray([0, 6, 3, 3, 1, 5], jnp.int32)
+  targets = jnp.asarray(rng.random((6, 14, 14)) > 0.5, jnp.float32)
+  valid = jnp.asarray([True, True, True, False, True, True])
+  params = head.init(jax.random.key(1), x)
+  assert head.apply(params, x).shape == (6, 14, 14, 7)
+  one = head.apply(params, x, labels=labels)
+  assert one.shape == (6, 14, 14, 1)
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+  full = head.apply(params, x)
+  np.testing.assert_allclose(np.asarray(one[..., 0]),
+                             np.asarray(jnp.take_along_axis(full, labels[:, None, None, None],
+                                                            -1)[..., 0]), **tol)
+
+  def loss(p, per_label):
+    logits = head.apply(p, x, labels=labels) if per_label else head.apply(p, x)
+    return maskrcnn_loss(logits, labels, targets, valid)
+  g1, g0 = jax.grad(loss)(params, True), jax.grad(loss)(params, False)
+  np.testing.assert_allclose(float(loss(params, True)), float(loss(params, False)), **tol)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), **tol)
