@@ -1,4 +1,8 @@
-"""One Mask R-CNN R50-FPN training step, ours (jit(value_and_grad) + optax) vs torchvision, on CPU.
+"""One Mask R-CNN R50-FPN training step, ours (the step train.py runs) vs torchvision, on CPU.
+
+Ours is the production step: `parallel.make_parallel_step(parallel.make_train_step(...))` (shard_map
+over one device, gradients of the trained leaves, cross-device mean, the optimizer of
+`optimizer.make_optimizer`), fed a device batch as train.py feeds it.
 
 Same starting weights: torchvision's `maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)`
 random init with every BatchNorm2d replaced by a FrozenBatchNorm2d (the usual fine-tuning setting,
@@ -22,8 +26,8 @@ Measured, each side in its own subprocess (inputs and weights written to a tempo
 third; our process never imports torch), torch with 2 threads and flush-to-zero, jax with its
 default CPU client:
   * ours: compile time (first call minus the steady-state median), steady-state median wall and CPU
-    time per step over the steps after the first and --warmup more, traces of the step function over
-    all --ours-steps calls (a Python counter in the traced function: must be exactly 1), donation of
+    time per step over the steps after the first and --warmup more, compilations of the step over
+    all --ours-steps calls (the jitted step's cache size: must be exactly 1), donation of
     the state (the previous state's buffers are deleted after each call);
   * torchvision: first step and steady-state median over --torch-steps after the first and --warmup;
   * peak resident memory of each process (VmHWM: whole run, our compilation included), split into
@@ -245,49 +249,45 @@ def frozen_bn_torchvision_structure(**kwargs):
 
 
 def run_ours(in_dir: str, steps: int, warmup: int) -> dict:
+  """The step train.py runs: `parallel.make_parallel_step(parallel.make_train_step(...))` (one
+  device), with the production optimizer (`optimizer.make_optimizer`) set to the same recipe."""
   import jax
-  import jax.numpy as jnp
-  import optax
+  import ml_collections
 
   from maskrcnn_jax.convert.torchvision import from_torchvision
   from maskrcnn_jax.modeling.builder import torchvision_model_config
+  from maskrcnn_jax.training import optimizer, parallel
+  from maskrcnn_jax.training.train_state import TrainState
 
   with np.load(os.path.join(in_dir, "tv_weights.npz")) as f:
     state_dict = {k: f[k] for k in f.files}
   model, variables = from_torchvision(state_dict, model_config=torchvision_model_config(50))
   del state_dict
-  params, batch_stats = variables["params"], variables["batch_stats"]
   data = np.load(os.path.join(in_dir, "batch.npz"))
-  images = (data["images"] - MEAN) / STD
-  batch = dict(image=jnp.asarray(images), image_size=jnp.full((BATCH, 2), SIZE, jnp.int32),
-               gt_boxes=jnp.asarray(data["gt_boxes"]), gt_classes=jnp.asarray(data["gt_classes"]),
-               gt_valid=jnp.asarray(data["gt_valid"]), gt_masks=jnp.asarray(data["gt_masks"]))
-  tx = optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(LR, momentum=MOMENTUM))
-  traces = [0]
-
-  def loss_fn(p, batch, key):
-    out = model.apply({"params": p, "batch_stats": batch_stats}, batch,
-                      jax.random.split(key, BATCH), method=model.losses)
-    return sum(out[k] for k in LOSS_NAMES), out
-
-  def train_step(state, batch, key):
-    traces[0] += 1  # runs once per trace, never per call
-    p, opt_state = state
-    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch, key)
-    updates, opt_state = tx.update(grads, opt_state, p)
-    return (optax.apply_updates(p, updates), opt_state), out
-
-  step = jax.jit(train_step, donate_argnums=(0,))
-  state = (params, tx.init(params))
-  n_trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  del variables, params
-  base_key = jax.random.key(0)
-  holder = dict(state=state, donated=True)
-  del state
+  images = ((data["images"] - MEAN) / STD).astype(np.float32)
+  batch = dict(image=images, image_size=np.full((BATCH, 2), SIZE, np.int32),
+               gt_boxes=data["gt_boxes"], gt_classes=data["gt_classes"],
+               gt_valid=data["gt_valid"], gt_masks=data["gt_masks"],
+               crowd_boxes=np.zeros((BATCH, 1, 4), np.float32),
+               crowd_valid=np.zeros((BATCH, 1), bool))
+  # torch.optim.SGD(lr, momentum, weight_decay) on every trained parameter, biases included.
+  training = ml_collections.ConfigDict(dict(
+      learning_rate=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+      weight_decay_norm_and_bias=True, warmup_steps=0, schedule="step", decay_steps=(),
+      steps=steps, clip_grad_norm=0.0, frozen_stages=0))
+  tx = optimizer.make_optimizer(training, variables["params"])
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  step = parallel.make_parallel_step(
+      parallel.make_train_step(model, tx, optimizer.learning_rate_schedule(training),
+                               optimizer.trainable_mask(variables["params"], 0)), mesh)
+  n_trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+  holder = dict(state=parallel.replicate(TrainState.create(variables, tx), mesh), donated=True)
+  del variables
+  device_batch = parallel.global_batch(batch, mesh, model.batch_keys)
 
   def one(i):
-    old_leaf = jax.tree.leaves(holder["state"])[0]
-    holder["state"], out = step(holder["state"], batch, jax.random.fold_in(base_key, i))
+    old_leaf = jax.tree.leaves(holder["state"].params)[0]
+    holder["state"], out = step(holder["state"], device_batch)
     jax.block_until_ready((holder["state"], out))
     holder["donated"] &= old_leaf.is_deleted()
     return {k: float(v) for k, v in out.items()}
@@ -299,7 +299,7 @@ def run_ours(in_dir: str, steps: int, warmup: int) -> dict:
   median = _common.median(steady)
   return dict(times=times, first=times[0], median=median, spread=_common.spread(steady),
               cpu_median=_common.median(steady_cpu), compile=times[0] - median,
-              fg_rois=[h["num_fg_rois"] for h in history], traces=traces[0],
+              fg_rois=[h["num_fg_rois"] for h in history], traces=step._cache_size(),
               donated=bool(holder["donated"]),
               losses_first=history[0], losses_last=history[-1], n_trained=n_trained,
               jax_version=jax.__version__,
