@@ -19,14 +19,10 @@ flags.DEFINE_string("workdir", None, "Folder for checkpoints, TensorBoard logs a
 def _check_workdir(workdir: str):
   """A local folder or a URL (gs://...; never turned into a local path) that can be written."""
   from maskrcnn_jax import paths
-  path = paths.as_path(workdir)
   try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f".write_test_{os.getpid()}"
-    probe.write_text("")
-    probe.unlink()
-  except Exception as e:  # noqa: BLE001 (OSError locally; the cloud backends raise their own)
-    _fail(f"cannot write to --workdir {workdir!r}: {getattr(e, 'strerror', None) or e}")
+    paths.check_writable(workdir)
+  except OSError as e:
+    _fail(f"cannot write to --workdir {workdir!r}: {e.strerror or e}")
 
 
 def main(argv):

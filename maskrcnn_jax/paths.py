@@ -35,6 +35,25 @@ def join(path: PathLike, *parts: str) -> str:
   return os.fspath(as_path(path).joinpath(*parts))
 
 
+def check_writable(path: PathLike) -> None:
+  """Creates folder `path` (local or a URL) if needed and writes and removes a probe file in it.
+
+  Raises:
+    OSError: it cannot be written, with the backend's reason (cloud backends' own errors are
+      turned into OSError).
+  """
+  p = as_path(path)
+  try:
+    p.mkdir(parents=True, exist_ok=True)
+    probe = p / f".write_test_{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError:
+    raise
+  except Exception as e:  # noqa: BLE001 (e.g. TensorFlow's errors for gs:// URLs)
+    raise OSError(str(e)) from e
+
+
 def write_text_atomic(path: PathLike, text: str) -> None:
   """Writes `text` to `path` whole or not at all (a temporary file renamed over it)."""
   p = as_path(path)

@@ -76,8 +76,7 @@ def test_trainer_config_checkpointer_and_evaluation_outputs_on_a_url(ram):
 
 def test_images_export_and_train_py_workdir_check_on_a_url(ram, monkeypatch):
   gfile, root = ram
-  import train
-  train._check_workdir(f"{root}/new/run")
+  paths.check_writable(f"{root}/new/run")  # train.py's --workdir check
   assert gfile.isdir(f"{root}/new/run") and gfile.listdir(f"{root}/new/run") == []
   from maskrcnn_jax.evaluation import images
   fake = [dict(boxes=np.zeros((0, 4), np.float32), scores=np.zeros(0, np.float32),
