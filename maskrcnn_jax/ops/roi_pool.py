@@ -267,7 +267,9 @@ def multilevel_roi_pool_batched(features: Sequence[Array], boxes: Array,
   """
   size = _pair(output_size)
   _check_max_bin_size(max_bin_size)
-  features, scales = list(features), [float(s) for s in scales]
+  # numpy inputs are taken too (jnp arrays inside the scan below).
+  features, scales = [jnp.asarray(f) for f in features], [float(s) for s in scales]
+  boxes = jnp.asarray(boxes)
   _check_batched(features, scales, boxes, extents)
   return _pool_levels(features, boxes.astype(jnp.float32), size, scales, canonical_scale,
                       canonical_level, eps, extents, max_bin_size)

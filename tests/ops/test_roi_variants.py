@@ -450,3 +450,15 @@ def test_pooler_types_run_under_jit(fields, op, options):
   out, expected = pool(features, boxes, padded)
   assert out.shape == (2, 17, 4, 4, 3)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+
+
+def test_public_ops_take_numpy_inputs():
+  """`ops.roi_pool`, `roi_align` (adaptive too) and `roi_warp` called with numpy arrays, as a user
+  would: the same result as with jax arrays."""
+  from maskrcnn_jax.ops import roi_align as align, roi_pool as pool, roi_warp as warp
+  rng = np.random.default_rng(0)
+  f = rng.random((16, 16, 4)).astype(np.float32)
+  b = np.array([[1, 1, 9, 9], [0.5, 2, 15, 7.5]], np.float32)
+  for fn, kw in ((pool, {}), (align, dict(sampling_ratio=0)), (align, {}), (warp, {})):
+    np.testing.assert_array_equal(np.asarray(fn(f, b, 3, **kw)),
+                                  np.asarray(fn(jnp.asarray(f), jnp.asarray(b), 3, **kw)))
