@@ -104,6 +104,7 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")
   import jax
 
+  from maskrcnn_jax import paths
   from maskrcnn_jax.evaluation import evaluator, inference
 
   workdir = None
@@ -112,7 +113,6 @@ def main(argv):
     ckpt_dir, step, workdir = _checkpoint_source()
     model, variables, step = _restore(config, ckpt_dir, step)
     if workdir is not None:
-      from maskrcnn_jax import paths
       default_out = paths.join(workdir, "eval", "final" if FLAGS.workdir else f"step_{step}")
     label_map = None
   else:
@@ -128,7 +128,6 @@ def main(argv):
     # torchvision's classes are COCO category ids; names are not known here.
     label_map = ({k: k for k in range(1, int(config.model.num_classes))},
                  [str(k) for k in range(int(config.model.num_classes))])
-  from maskrcnn_jax import paths
   out_dir = paths.resolve(FLAGS.out_dir or default_out)
   try:
     paths.as_path(out_dir).mkdir(parents=True, exist_ok=True)

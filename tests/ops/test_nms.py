@@ -1,6 +1,5 @@
 """`maskrcnn_jax.ops.nms`: the indices and order of `torchvision.ops.nms` / `batched_nms`."""
 import functools
-import importlib
 
 import chex
 import jax
@@ -356,7 +355,7 @@ def test_batched_nms_vmap():
 
 
 # ----------------------------------------------------------------------------------------------
-# The tiled form: adversarial inputs, and what each platform's program holds.
+# The tiled form: adversarial inputs (what each platform's program holds: test_nms_platforms.py).
 
 
 @pytest.mark.reference
@@ -380,29 +379,6 @@ def test_chains_across_tiles(iou_threshold):
     expected = torch_nms(boxes[perm], scores[perm], iou_threshold)
     assert_same_keep(nms_jit(boxes[perm], scores[perm], iou_threshold=iou_threshold,
                              max_output=n), expected, n)
-
-
-def _lowered_ops(fn, args, platform):
-  text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
-  return {op: text.count(f"stablehlo.{op}") for op in ("scatter", "while", "sort")}
-
-
-def test_auto_picks_greedy_on_cpu_and_tiled_on_accelerators(method):
-  """"auto" lowered for cpu holds the greedy loop (its kept-index scatter); for tpu and cuda the
-  tiled form: no scatter (the loops run over tiles and rounds)."""
-  if method != "greedy":
-    pytest.skip("one run is enough")
-  rng = np.random.default_rng(13)
-  boxes, scores = clustered_boxes(rng, 1000), rng.random(1000).astype(np.float32)
-  nms_ops = importlib.import_module("maskrcnn_jax.ops.nms")  # the default method, unpatched
-  fn = functools.partial(nms_ops.nms, iou_threshold=0.5, max_output=300)
-  cpu = _lowered_ops(fn, (boxes, scores), "cpu")
-  assert cpu["scatter"] >= 1 and cpu["while"] >= 1
-  for platform in ("tpu", "cuda"):
-    ops = _lowered_ops(fn, (boxes, scores), platform)
-    assert ops["scatter"] == 0 and ops["while"] >= 2, (platform, ops)
-  # The same program runs on this CPU with the greedy answer.
-  assert_same_keep(jax.jit(fn)(boxes, scores), torch_nms(boxes, scores, 0.5), 300)
 
 
 def test_unknown_method_raises():
