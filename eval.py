@@ -13,7 +13,6 @@ WORKDIR/eval/step_STEP; with --torchvision_weights or a checkpoint outside a wor
 and the AP to the workdir's TensorBoard logs.
 """
 import os
-import re
 import sys
 
 from absl import app, flags
@@ -39,58 +38,6 @@ class UsageError(Exception):
   pass
 
 
-def _restore(config, ckpt_dir, step=None):
-  """Model, variables and step of checkpoint `step` (default: the newest readable one) in
-  `ckpt_dir` (WORKDIR/checkpoints), for the model built from `config`. Only the parameters and
-  norm statistics are read (no optimizer is built)."""
-  import jax
-
-  from maskrcnn_jax.training import checkpoint, parallel, trainer
-  model = trainer.model_from_config(config)
-  abstract = trainer.abstract_inference_state(model, parallel.make_mesh(jax.devices()[:1]))
-  ckpt = None
-  try:
-    ckpt = checkpoint.Checkpointer(ckpt_dir, read_only=True)
-    if step is None:
-      state, step = ckpt.restore_latest(abstract)
-    else:
-      state = ckpt.restore(step, abstract)
-  except (RuntimeError, OSError) as e:  # unreadable checkpoints, missing step, permissions
-    raise UsageError(str(e)) from None
-  finally:
-    if ckpt is not None:
-      ckpt.close()
-  if state is None:
-    raise UsageError(f"{os.path.dirname(ckpt_dir)!r} holds no checkpoint yet")
-  print(f"evaluating {ckpt_dir} at step {step}")
-  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-  return model, jax.device_get(variables), int(step)
-
-
-def _checkpoint_source():
-  """(checkpoints folder, step or None, workdir or None) from --workdir or --checkpoint. A
-  --checkpoint folder's workdir is the folder above `checkpoints/`, if it sits in one."""
-  from maskrcnn_jax import paths  # local folders or URLs (gs://...), never made local
-  if FLAGS.workdir:
-    workdir = paths.resolve(FLAGS.workdir)
-    if not paths.as_path(workdir).is_dir():
-      raise UsageError(f"--workdir {FLAGS.workdir!r} does not exist")
-    ckpt_dir = paths.join(workdir, "checkpoints")
-    if not paths.as_path(ckpt_dir).is_dir():
-      raise UsageError(f"--workdir {FLAGS.workdir!r} has no checkpoints/ folder (train first, or "
-                       "pass --torchvision_weights)")
-    return ckpt_dir, None, workdir
-  path = paths.as_path(FLAGS.checkpoint)
-  if not path.is_dir():
-    raise UsageError(f"--checkpoint {FLAGS.checkpoint!r} does not exist")
-  if not re.fullmatch(r"0|[1-9][0-9]*", path.name):  # orbax's step folder names
-    raise UsageError(f"--checkpoint {FLAGS.checkpoint!r} is not a checkpoint folder "
-                     "(WORKDIR/checkpoints/STEP)")
-  ckpt_dir = path.parent
-  workdir = os.fspath(ckpt_dir.parent) if ckpt_dir.name == "checkpoints" else None
-  return os.fspath(ckpt_dir), int(path.name), workdir
-
-
 def main(argv):
   if len(argv) > 1:
     raise UsageError(f"unexpected arguments {argv[1:]}")
@@ -106,28 +53,18 @@ def main(argv):
 
   from maskrcnn_jax import paths
   from maskrcnn_jax.evaluation import evaluator, inference
-
-  workdir = None
+  from maskrcnn_jax.training import sources
+  try:
+    loaded = sources.load(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
+                          torchvision_weights=FLAGS.torchvision_weights)
+  except sources.SourceError as e:
+    raise UsageError(str(e)) from None
+  model, variables, step, workdir = loaded.model, loaded.variables, loaded.step, loaded.workdir
+  # Converted torchvision weights: classes are COCO category ids; names are not known here.
+  label_map = loaded.label_map
   default_out = os.path.abspath("eval_out")
-  if not FLAGS.torchvision_weights:
-    ckpt_dir, step, workdir = _checkpoint_source()
-    model, variables, step = _restore(config, ckpt_dir, step)
-    if workdir is not None:
-      default_out = paths.join(workdir, "eval", "final" if FLAGS.workdir else f"step_{step}")
-    label_map = None
-  else:
-    from maskrcnn_jax.convert import from_torchvision
-    if not os.path.isfile(FLAGS.torchvision_weights):
-      raise UsageError(f"--torchvision_weights {FLAGS.torchvision_weights!r} does not exist")
-    try:
-      model, variables = from_torchvision(FLAGS.torchvision_weights,
-                                          num_classes=int(config.model.num_classes),
-                                          model_config=config.model)
-    except (ValueError, TypeError, KeyError) as e:  # not a state_dict, or not of this model
-      raise UsageError(f"--torchvision_weights {FLAGS.torchvision_weights!r}: {e}") from None
-    # torchvision's classes are COCO category ids; names are not known here.
-    label_map = ({k: k for k in range(1, int(config.model.num_classes))},
-                 [str(k) for k in range(int(config.model.num_classes))])
+  if workdir is not None:
+    default_out = paths.join(workdir, "eval", "final" if FLAGS.workdir else f"step_{step}")
   out_dir = paths.resolve(FLAGS.out_dir or default_out)
   try:
     paths.as_path(out_dir).mkdir(parents=True, exist_ok=True)

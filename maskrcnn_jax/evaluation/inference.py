@@ -8,7 +8,7 @@ recompiles. Results come back in each image's original pixel frame.
 import collections
 import functools
 import math
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -82,33 +82,80 @@ def predict(model, variables, images: List[np.ndarray], exact_padding: bool = Fa
   _check_images(images)
   if bucket % 32:
     raise ValueError(f"bucket must be a multiple of 32, got {bucket}")
+  prepared = prepare_images(images, min_size, max_size)
+  for p in prepared:
+    h, w = p["size"]
+    p["canvas"] = p["padded"] if exact_padding else (_round_up(h, bucket), _round_up(w, bucket))
+
+  def forward(batch, sizes, padded):
+    return _forward(model, variables, jnp.asarray(batch), jnp.asarray(sizes), jnp.asarray(padded))
+
+  return run_batches(prepared, forward, batch_size, bucket, mask_threshold, model.point_keys)
+
+
+def prepare_images(images: Sequence[np.ndarray], min_size: int, max_size: int) -> List[Dict]:
+  """Host preprocessing of `predict` (torchvision's eval transform, `data.preprocess`).
+
+  Args:
+    images: checked [H, W, 3] uint8 RGB arrays.
+
+  Returns:
+    Per image a dict: orig (H, W), size (h, w) after the resize, padded (h, w) rounded up to
+    multiples of 32 (the anchors' frame), pixels [h, w, 3] float32 normalized; the caller adds
+    canvas (the padded batch's (H, W), at least `padded`).
+  """
   prepared = []
   for im in images:
     h0, w0 = im.shape[:2]
     h, w = resized_size(h0, w0, min_size, max_size)
-    padded = (_round_up(h, 32), _round_up(w, 32))
-    canvas = padded if exact_padding else (_round_up(h, bucket), _round_up(w, bucket))
-    prepared.append(dict(orig=(h0, w0), size=(h, w), padded=padded, canvas=canvas,
+    prepared.append(dict(orig=(h0, w0), size=(h, w), padded=(_round_up(h, 32), _round_up(w, 32)),
                          pixels=resize_bilinear(normalize(im), h, w)))
+  return prepared
+
+
+def run_batches(prepared: List[Dict], forward: Callable, batch_size: int, bucket: int,
+                mask_threshold, point_keys: Sequence[str]) -> List[Dict[str, np.ndarray]]:
+  """Runs `forward` on batches of images of one canvas and returns their detections in the
+  original frames (see `predict`).
+
+  Batches are dispatched one ahead: batch i + 1 is sent to the device before batch i's results are
+  read back and post-processed on the host, so the host work overlaps the next forward.
+
+  Args:
+    prepared: `prepare_images` dicts with their canvas.
+    forward: (images [b, H, W, 3] float32, image_sizes [b, 2] int32, padded_sizes [b, 2] int32)
+      -> the model's detection dict of device arrays [b, ...] (canvas pixels).
+    batch_size: b, images per call (a short last batch is padded with blank images).
+    bucket, mask_threshold: as in `predict`.
+    point_keys: detection entries holding (x, y, ...) points in canvas pixels.
+  """
   groups: Dict[Any, List[int]] = collections.defaultdict(list)
   for i, p in enumerate(prepared):
     groups[p["canvas"]].append(i)
-  results: List[Dict[str, np.ndarray]] = [None] * len(images)
+  results: List[Dict[str, np.ndarray]] = [None] * len(prepared)
+  pending = None
+
+  def finish(chunk, out):
+    out = jax.device_get(out)
+    for j, i in enumerate(chunk):
+      results[i] = _to_original_frame({k: v[j] for k, v in out.items()}, prepared[i],
+                                      bucket, mask_threshold, point_keys)
+
   for canvas, idxs in groups.items():
     for start in range(0, len(idxs), batch_size):
       chunk = idxs[start:start + batch_size]
-      batch = np.zeros((batch_size,) + canvas + (3,), np.float32)
+      batch = np.zeros((batch_size,) + tuple(canvas) + (3,), np.float32)
       sizes = np.tile(np.asarray(canvas, np.int32), (batch_size, 1))
       padded = sizes.copy()
       for j, i in enumerate(chunk):
         p = prepared[i]
         batch[j, :p["size"][0], :p["size"][1]] = p["pixels"]
         sizes[j], padded[j] = p["size"], p["padded"]
-      out = jax.device_get(_forward(model, variables, jnp.asarray(batch), jnp.asarray(sizes),
-                                    jnp.asarray(padded)))
-      for j, i in enumerate(chunk):
-        results[i] = _to_original_frame({k: v[j] for k, v in out.items()}, prepared[i],
-                                        bucket, mask_threshold, model.point_keys)
+      out = forward(batch, sizes, padded)  # dispatched, not waited for
+      if pending is not None:
+        finish(*pending)
+      pending = (chunk, out)
+  finish(*pending)
   return results
 
 
