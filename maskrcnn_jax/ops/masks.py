@@ -30,7 +30,7 @@ def select_class_channel(x: Array, labels: Array) -> Array:
 
 
 def project_mask_crops(crops: Array, gt_boxes: Array, gt_index: Array, rois: Array,
-                       size: int) -> Array:
+                       size: int, method: str = "auto") -> Array:
   """Mask targets: each RoI's ground-truth crop resampled into the RoI, as `project_masks_on_boxes`.
 
   The crops cover their ground-truth boxes (crop pixel (i, j) samples the box at ((j + .5) / S,
@@ -42,6 +42,8 @@ def project_mask_crops(crops: Array, gt_boxes: Array, gt_index: Array, rois: Arr
   Args:
     crops: [M, S, S] float in [0, 1]; gt_boxes: [M, 4] (x1, y1, x2, y2); gt_index: [P] int32;
     rois: [P, 4] (x1, y1, x2, y2); size: output side (28).
+    method: RoIAlign's form ("auto": gathers on CPU; on accelerators the einsum form, here one
+      matmul pair per RoI with its whole crop: every RoI fits the crop-sized window).
 
   Returns:
     [P, size, size] float32 in [0, 1].
@@ -54,7 +56,7 @@ def project_mask_crops(crops: Array, gt_boxes: Array, gt_index: Array, rois: Arr
       [scale_x, scale_y, scale_x, scale_y], -1)
   maps = crops[gt_index].astype(jnp.float32)[..., None]  # [P, S, S, 1]
   out = roi_align_batched(maps, jax.lax.stop_gradient(local)[:, None], size, 1.0,
-                          sampling_ratio=2, aligned=True)
+                          sampling_ratio=2, aligned=True, method=method)
   return out[:, 0, ..., 0]
 
 

@@ -33,6 +33,14 @@ boxes, 7x7, g = 2, C = 256). On CPU (2 cores, 1000 boxes, 7x7, C = 256, a 200 x 
 `benchmarks/bench_roi_align.py` measures about 0.3x torchvision's forward time and 0.15-0.2x its
 forward + backward time.
 
+On TPU and GPU the same plan runs as matmuls instead ("einsum" form, picked inside the program by
+`lax.platform_dependent`; see `_pool_flat`): the forward contracts each box's
+`EINSUM_WINDOW`-square window (gathered as row slices) with one-hot row and column weight
+matrices, the backward is `Wy^T (ct Wx)` per level over the whole map, so neither holds a
+scatter (a scatter-add is slow on TPU and atomic, non-deterministic, on GPU). Its backward costs
+`2 N S_h H W C` FLOPs per level and image, which the MXU/tensor cores absorb; the gather form
+stays on CPU, where it is the faster one. Scan chunks are chosen per platform the same way.
+
 The variants change only the plan and the reduction. Adaptive sampling plans `max_samples` samples
 per bin side for every box and gives those beyond the box's own g weight 0 (the cost is that of
 `sampling_ratio=max_samples`: about 10x the default's at the default cap 8). `reduce="max"` forms
@@ -80,13 +88,23 @@ _CHUNK_ACCELERATOR = 256
 _CHUNK_BOX_BYTES = 7 * 7 * 16 * 256 * 4
 
 
-def _chunk_size(n: int, box_bytes: int = None) -> int:
-  """Boxes per scan step for N boxes on the default backend, each gathering `box_bytes` per step
-  (None: the default RoIAlign's chunks)."""
-  chunk = _CHUNK.get(jax.default_backend(), _CHUNK_ACCELERATOR)
+def _chunk_size(n: int, box_bytes: int = None, platform: str = "cpu") -> int:
+  """Boxes per scan step for N boxes on `platform` ("cpu" or another: an accelerator), each
+  gathering `box_bytes` per step (None: the default RoIAlign's chunks)."""
+  chunk = _CHUNK.get(platform, _CHUNK_ACCELERATOR)
   if box_bytes is not None:
     chunk = min(chunk, max(1, chunk * _CHUNK_BOX_BYTES // max(int(box_bytes), 1)))
   return max(1, min(n, chunk))
+
+
+def _by_platform_chunks(fn, n: int, box_bytes: int, *args):
+  """`fn(chunk, *args)` with the chunk size of the platform the program is lowered for, chosen
+  inside the program (`lax.platform_dependent`), not from the host's default backend."""
+  cpu, accelerator = (_chunk_size(n, box_bytes, p) for p in ("cpu", "accelerator"))
+  if cpu == accelerator:
+    return fn(cpu, *args)
+  return lax.platform_dependent(*args, cpu=functools.partial(fn, cpu),
+                                default=functools.partial(fn, accelerator))
 
 
 def _pair(output_size: OutputSize) -> Tuple[int, int]:
@@ -526,9 +544,178 @@ def _pool_flat_max_bwd(size, grid, chunk, residuals, cotangent):
 _pool_flat_max_vjp.defvjp(_pool_flat_max_fwd, _pool_flat_max_bwd)
 
 
+# ---------------------------------------------------------------------------------------------
+# The accelerator form: matmuls with one-hot weights, no scatter (see `_pool_flat`).
+
+# Window side (pixels of the box's map) of the einsum form's forward: each box reads one
+# EINSUM_WINDOW x EINSUM_WINDOW window (EINSUM_WINDOW row slices of the flat array). A box fits
+# when its sample rows span less than that (with FPN level mapping a box's side on its level is
+# below 28 pixels unless its aspect ratio passes ~5); if any box of the call does not fit, the whole
+# forward takes the gather form instead (`lax.cond`), which is exact for every box.
+EINSUM_WINDOW = 64
+# Bytes of one scan step's largest intermediate in the einsum form, on accelerators.
+_EINSUM_STEP_BYTES = 64 << 20
+METHODS = ("auto", "gather", "einsum")
+
+_ROW_GATHER = lax.GatherDimensionNumbers(offset_dims=(2, 3), collapsed_slice_dims=(),
+                                         start_index_map=(0,))
+
+
+class _Layout(NamedTuple):
+  """Static shape of the flat array's maps (see `_flatten_maps`), for the einsum backward."""
+  batch: int  # B images per level block.
+  shapes: Tuple[Tuple[int, int], ...]  # (H_l, W_l) stored size of each level's maps.
+  starts: Tuple[int, ...]  # flat row of level l's image 0, pixel (0, 0).
+  positions: int  # P, rows of the flat array (pad rows included).
+
+
+def _axis_weights(first: Array, pos: Array, factor: Array, bins: int, grid: int, extent: int,
+                  origin: Array = None) -> Array:
+  """One axis of the separable bilinear weights as a dense matrix (one-hot compares, no scatter).
+
+  Args:
+    first, pos, factor: [b, S * g] a `_Plan` axis (rows, row_pos, row_in or the columns).
+    bins, grid: S and g (static).
+    extent: pixels the matrix spans (static): the window side, or the map's height or width.
+    origin: [b] int32 pixel of the matrix's column 0 (the window's start), or None: 0.
+
+  Returns:
+    [b, S, extent] float32: the weight of pixel `origin + k` in bin p (summed over the bin's g
+    samples and their two neighbours; pixels outside the span weigh 0).
+  """
+  b = first.shape[0]
+  weights = _pair_weights(first, pos, factor)  # [b, S * g, 2]
+  pixel = first[..., None] + jnp.arange(2, dtype=jnp.int32)
+  if origin is not None:
+    pixel = pixel - origin[:, None, None]
+  hot = pixel[..., None] == jnp.arange(extent, dtype=jnp.int32)  # [b, S * g, 2, extent]
+  dense = jnp.where(hot, weights[..., None], 0.0).reshape(b, bins, grid * 2, extent)
+  return jnp.sum(dense, axis=2)
+
+
+def _window_forward(flat: Array, plan: _Plan, size: Tuple[int, int], grid: int, window: int,
+                    chunk: int) -> Array:
+  """Forward of the einsum form for boxes whose samples fit the window: per box, `window` row
+  slices of the flat array form a [window, window, C] window, contracted with the row and column
+  weight matrices. -> [N, S_h, S_w, C] float32."""
+  n = plan.rows.shape[0]
+  s_h, s_w = size
+  channels = flat.shape[-1]
+  chunks = -(-n // chunk)
+  # A row slice may run past the last map's last pixel (into weight-0 columns): pad for it.
+  padded = jnp.concatenate([flat, jnp.zeros((window, channels), flat.dtype)], axis=0)
+
+  def body(_, p):
+    r0 = jnp.min(p.rows, axis=1)
+    c0 = jnp.min(p.cols, axis=1)
+    rows = r0[:, None] + jnp.arange(window, dtype=jnp.int32)
+    starts = p.offset[:, None] + rows * p.stride[:, None] + c0[:, None]  # [b, window]
+    # Rows past the flat array (past the last map: weight 0) are clamped by the gather.
+    win = lax.gather(padded, starts[..., None], _ROW_GATHER, (window, channels),
+                     mode="clip").astype(jnp.float32)  # [b, window, window, C]
+    wy = _axis_weights(p.rows, p.row_pos, p.row_in, s_h, grid, window, r0)  # [b, S_h, window]
+    wx = _axis_weights(p.cols, p.col_pos, p.col_in, s_w, grid, window, c0)  # [b, S_w, window]
+    hi = lax.Precision.HIGHEST
+    t = jnp.einsum("npa,nakc->npkc", wy, win, precision=hi)
+    return None, jnp.einsum("nqk,npkc->npqc", wx, t, precision=hi)
+
+  _, out = lax.scan(body, None, jax.tree.map(lambda a: _chunked(a, chunks, chunk), plan))
+  return out.reshape((chunks * chunk, s_h, s_w, channels))[:n]
+
+
+def _fits_window(plan: _Plan, window: int) -> Array:
+  """Whether every box's sample rows and columns (with their second neighbour) span less than
+  `window` pixels: scalar bool."""
+  span_h = jnp.max(plan.rows, axis=1) - jnp.min(plan.rows, axis=1) + 2
+  span_w = jnp.max(plan.cols, axis=1) - jnp.min(plan.cols, axis=1) + 2
+  return jnp.all((span_h <= window) & (span_w <= window))
+
+
+def _dense_backward(layout: _Layout, level: Array, plan: _Plan, cotangent: Array,
+                    size: Tuple[int, int], grid: int) -> Array:
+  """Backward of the einsum form: per level, the map's gradient is
+  `sum_boxes Wy^T (ct Wx)` with one-hot weight matrices over the whole map (boxes of other levels
+  weigh 0), two matmuls per chunk of boxes, accumulated in float32. -> [P, C] float32."""
+  b = layout.batch
+  n = plan.rows.shape[0] // b
+  s_h, s_w = size
+  channels = cotangent.shape[-1]
+
+  def per_image(a):  # [B * N, ...] -> [N, B, ...]: the scan runs over boxes, B stays whole
+    return jnp.swapaxes(a.reshape((b, n) + a.shape[1:]), 0, 1)
+
+  axes = (plan.rows, plan.row_pos, plan.row_in, plan.cols, plan.col_pos, plan.col_in, level,
+          cotangent)
+  axes = [per_image(a) for a in axes]
+  grads = []
+  hi = lax.Precision.HIGHEST
+  for index, (height, width) in enumerate(layout.shapes):
+    # Largest step intermediate: [chunk, B, S_h, W, C] float32 (the batch width counts).
+    chunk = max(1, min(n, _EINSUM_STEP_BYTES // (b * s_h * width * channels * 4)))
+    chunks = -(-n // chunk)
+    xs = [_chunked(a, chunks, chunk) for a in axes]
+
+    def body(acc, x, index=index, height=height, width=width):
+      rows, row_pos, row_in, cols, col_pos, col_in, lev, ct = x
+      flat2 = lambda a: a.reshape((chunk * b,) + a.shape[2:])  # noqa: E731
+      row_in = jnp.where(lev[..., None] == index, row_in, 0.0)  # boxes of this level only
+      wy = _axis_weights(flat2(rows), flat2(row_pos), flat2(row_in), s_h, grid, height)
+      wx = _axis_weights(flat2(cols), flat2(col_pos), flat2(col_in), s_w, grid, width)
+      wy = wy.reshape(chunk, b, s_h, height)
+      wx = wx.reshape(chunk, b, s_w, width)
+      u = jnp.einsum("nbpqc,nbqw->nbpwc", ct.astype(jnp.float32), wx, precision=hi)
+      return acc + jnp.einsum("nbph,nbpwc->bhwc", wy, u, precision=hi), None
+
+    acc, _ = lax.scan(body, jnp.zeros((b, height, width, channels), jnp.float32), xs)
+    grads.append(acc.reshape(b * height * width, channels))
+  used = layout.starts[-1] + b * layout.shapes[-1][0] * layout.shapes[-1][1]
+  if layout.positions > used:  # the pad rows of `_flatten_maps` get no gradient
+    grads.append(jnp.zeros((layout.positions - used, channels), jnp.float32))
+  return jnp.concatenate(grads, axis=0) if len(grads) > 1 else grads[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _pool_flat_einsum(flat, plan, level, layout, size, grid, window, chunk):
+  """The einsum form of `_pool_flat` (reduce "ave"): window forward (or the gather form when a box
+  does not fit the window), dense one-hot backward; no scatter in either."""
+  out = lax.cond(_fits_window(plan, window),
+                 lambda: _window_forward(flat, plan, size, grid, window, chunk),
+                 lambda: _pool_forward(flat, plan, size, grid, chunk))
+  return out.astype(flat.dtype)
+
+
+def _pool_flat_einsum_fwd(flat, plan, level, layout, size, grid, window, chunk):
+  out = _pool_flat_einsum(flat, plan, level, layout, size, grid, window, chunk)
+  return out, (jnp.zeros((flat.shape[0], 0), flat.dtype), plan, level)
+
+
+def _pool_flat_einsum_bwd(layout, size, grid, window, chunk, residuals, cotangent):
+  like, plan, level = residuals
+  grad = _dense_backward(layout, level, plan, cotangent, size, grid)
+  return grad.astype(like.dtype), None, None  # plan and levels come from the boxes: constants
+
+
+_pool_flat_einsum.defvjp(_pool_flat_einsum_fwd, _pool_flat_einsum_bwd)
+
+
 def _pool_flat(flat: Array, plan: _Plan, size: Tuple[int, int], grid: int,
-               reduce: str = "ave", adaptive: bool = False) -> Array:
+               reduce: str = "ave", adaptive: bool = False, *, level: Array = None,
+               layout: "_Layout" = None, method: str = "auto") -> Array:
   """Bilinear RoI pooling from a flat feature array; differentiable w.r.t. `flat` only.
+
+  Two forms, equal up to float32 round-off:
+  - "gather" (CPU's): per chunk of boxes, gather every sample's neighbour pairs and contract them
+    with the weights; the backward scatter-adds (see the module docstring).
+  - "einsum" (accelerators'): matmuls with one-hot weight matrices, no scatter. Forward: each box's
+    `EINSUM_WINDOW`-square window, gathered as that many row slices, contracted with its row and
+    column weights (if some box's samples span more than the window, the call takes the gather
+    forward instead, exact for all boxes). Backward: per level, `Wy^T (ct Wx)` with weight
+    matrices over the whole map, accumulated over chunks of boxes: no scatter, at the cost of
+    `2 N S_h H W C` FLOPs per level and image (the gather form's backward touches `16 N S_h S_w
+    C` values, but as a scatter).
+  "auto" picks the gather form on CPU and the einsum form elsewhere inside the program
+  (`lax.platform_dependent`), so a program lowered for TPU or GPU from a CPU host gets it. The
+  max reduction has no separable form and always gathers.
 
   Args:
     flat: [P, C] features (any float dtype), one or more maps flattened row-major and concatenated,
@@ -541,20 +728,44 @@ def _pool_flat(flat: Array, plan: _Plan, size: Tuple[int, int], grid: int,
       each bin's samples, the gradient going to the first maximum.
     adaptive: whether the plan is adaptive (only the chunk size depends on it: the default
       RoIAlign's chunks stay as they were tuned).
+    level: [N] int32 map level of each box (the einsum form's backward).
+    layout: the flat array's `_Layout` (the einsum form's backward).
+    method: "auto", "gather" or "einsum" (static).
 
   Returns:
     [N, S_h, S_w, C] pooled features in `flat`'s dtype, accumulated in float32.
   """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   n = plan.rows.shape[0]
   if n == 0:
     return jnp.zeros((0,) + tuple(size) + (flat.shape[-1],), flat.dtype)
   box_bytes = None
   if reduce == "max" or adaptive:
     box_bytes = size[0] * size[1] * 4 * grid * grid * flat.shape[-1] * 4
-  chunk = _chunk_size(n, box_bytes)
   if reduce == "max":
-    return _pool_flat_max_vjp(flat, plan, tuple(size), grid, chunk)
-  return _pool_flat_vjp(flat, plan, tuple(size), grid, chunk)
+    return _by_platform_chunks(lambda chunk, flat, plan: _pool_flat_max_vjp(
+        flat, plan, tuple(size), grid, chunk), n, box_bytes, flat, plan)
+  if layout is None or method == "gather":
+    return _by_platform_chunks(lambda chunk, flat, plan: _pool_flat_vjp(
+        flat, plan, tuple(size), grid, chunk), n, box_bytes, flat, plan)
+  chunk = _chunk_size(n, box_bytes, "cpu")  # the gather form of "auto" runs on CPU only
+  # The whole map when a map-sized window costs no more than the default window of 256 channels
+  # (then every box fits: e.g. the mask targets' one-channel crops), else `EINSUM_WINDOW`.
+  side = max(max(shape) for shape in layout.shapes)
+  window = side if side * side * flat.shape[-1] <= EINSUM_WINDOW ** 2 * 256 else EINSUM_WINDOW
+  wide = max(1, min(n, _EINSUM_STEP_BYTES // (window * window * flat.shape[-1] * 4)))
+
+  def einsum_form(flat, plan, level):
+    return _pool_flat_einsum(flat, plan, level, layout, tuple(size), grid, window, wide)
+
+  if method == "einsum":
+    return einsum_form(flat, plan, level)
+
+  def gather_form(flat, plan, level):
+    return _pool_flat_vjp(flat, plan, tuple(size), grid, chunk)
+
+  return lax.platform_dependent(flat, plan, level, cpu=gather_form, default=einsum_form)
 
 
 class _BoxMaps(NamedTuple):
@@ -564,11 +775,13 @@ class _BoxMaps(NamedTuple):
   width: Array  # [N] int32 valid width of the box's map.
   offset: Array  # [N] int32 flat position of the map's pixel (0, 0).
   stride: Array  # [N] int32 row stride when `extents` narrow the maps, else None (= width).
+  level: Array  # [N] int32 index of the box's map in `features`.
 
 
 def _flatten_maps(features: Sequence[Array], boxes: Array, scales: Sequence[float],
                   canonical_scale: float, canonical_level: int, eps: float,
-                  extents: Array = None, pad: bool = True) -> Tuple[Array, Array, _BoxMaps]:
+                  extents: Array = None, pad: bool = True
+                  ) -> Tuple[Array, Array, _BoxMaps, _Layout]:
   """All `B * L` maps as one flat array, and where each box's map lies in it.
 
   The batch is handled like the levels: every box carries the offset of its own image's map at its
@@ -587,6 +800,7 @@ def _flatten_maps(features: Sequence[Array], boxes: Array, scales: Sequence[floa
     flat: [P, C] the maps flattened row-major and concatenated (level-major, then image).
     boxes: [B * N, 4] the boxes, image-major.
     maps: `_BoxMaps` of the B * N boxes.
+    layout: the `_Layout` of `flat`.
   """
   batch, n = boxes.shape[:2]
   channels = features[0].shape[-1]
@@ -621,14 +835,16 @@ def _flatten_maps(features: Sequence[Array], boxes: Array, scales: Sequence[floa
     ext = jnp.asarray(extents, jnp.int32)[image, level]
     height = jnp.minimum(ext[:, 0], height)
     width = jnp.minimum(ext[:, 1], width)
-  return flat, boxes, _BoxMaps(per_box(scales, jnp.float32), height, width, offset, stride)
+  layout = _Layout(batch, tuple(zip(heights, widths)), tuple(offsets[:-1]), flat.shape[0])
+  return flat, boxes, _BoxMaps(per_box(scales, jnp.float32), height, width, offset, stride,
+                               level), layout
 
 
 def _pool_levels(features: Sequence[Array], boxes: Array, size: Tuple[int, int],
                  scales: Sequence[float], sampling_ratio: int, aligned: bool,
                  canonical_scale: float, canonical_level: int, eps: float,
                  extents: Array = None, *, reduce: str = "ave", max_samples: int = MAX_SAMPLES,
-                 quantize: bool = False) -> Array:
+                 quantize: bool = False, method: str = "auto") -> Array:
   """The one implementation behind all the RoIAlign and RoIWarp forms (arguments already checked).
 
   Args:
@@ -641,18 +857,20 @@ def _pool_levels(features: Sequence[Array], boxes: Array, size: Tuple[int, int],
       whole stored map is valid).
     reduce, max_samples: as in `roi_align`.
     quantize: RoIWarp's snapping of the boxes to the grid (see `roi_warp`).
+    method: "auto", "gather" or "einsum" (see `_pool_flat`).
 
   Returns:
     [B, N, S_h, S_w, C] in the maps' dtype.
   """
   batch, n = boxes.shape[:2]
-  flat, boxes, maps = _flatten_maps(features, boxes, scales, canonical_scale, canonical_level, eps,
-                                    extents)
+  flat, boxes, maps, layout = _flatten_maps(features, boxes, scales, canonical_scale,
+                                            canonical_level, eps, extents)
   plan = _sampling_plan(boxes, maps.scale, maps.height, maps.width, maps.offset, size,
                         sampling_ratio, aligned, maps.stride, max_samples=max_samples,
                         reduce=reduce, quantize=quantize)
   adaptive = sampling_ratio == 0
-  out = _pool_flat(flat, plan, size, max_samples if adaptive else sampling_ratio, reduce, adaptive)
+  out = _pool_flat(flat, plan, size, max_samples if adaptive else sampling_ratio, reduce, adaptive,
+                   level=maps.level, layout=layout, method=method)
   return out.reshape((batch, n) + out.shape[1:])
 
 
@@ -681,7 +899,7 @@ def _check_levels(features: Sequence[Array], scales: Sequence[float], rank: int)
 def roi_align(features: Array, boxes: Array, output_size: OutputSize,
               spatial_scale: float = 1.0, sampling_ratio: int = 2,
               aligned: bool = False, *, reduce: str = "ave",
-              max_samples: int = MAX_SAMPLES) -> Array:
+              max_samples: int = MAX_SAMPLES, method: str = "auto") -> Array:
   """RoIAlign on one image's feature map, equal to `torchvision.ops.roi_align`.
 
   Each box is split into S_h x S_w bins; each bin averages g x g bilinear samples placed at
@@ -724,19 +942,22 @@ def roi_align(features: Array, boxes: Array, output_size: OutputSize,
     aligned: use the pixel-centre convention (subtract 0.5 after scaling), as in Detectron2.
     reduce: "ave" (RoIAlign) or "max" (RoIAlign max).
     max_samples: the cap on adaptive samples per bin side (static; used when `sampling_ratio=0`).
+    method: "auto" (default: the gather form on CPU, the scatter-free einsum form on TPU and GPU,
+      chosen inside the program), "gather" or "einsum" (see `_pool_flat`; equal up to float32
+      round-off; `reduce="max"` always gathers).
 
   Returns:
     [N, S_h, S_w, C] pooled features in `features`' dtype (accumulated in float32).
 
   Raises:
-    ValueError: for `sampling_ratio < 0`, `max_samples < 1`, an unknown `reduce`, a bad
-      `output_size`, or inputs of the wrong rank.
+    ValueError: for `sampling_ratio < 0`, `max_samples < 1`, an unknown `reduce` or `method`, a
+      bad `output_size`, or inputs of the wrong rank.
   """
   if features.ndim != 3:
     raise ValueError(f"features must be [H, W, C], got shape {features.shape}")
   return multilevel_roi_align([features], boxes, output_size, [spatial_scale],
                               sampling_ratio=sampling_ratio, aligned=aligned, reduce=reduce,
-                              max_samples=max_samples)
+                              max_samples=max_samples, method=method)
 
 
 def map_roi_levels(boxes: Array, k_min: int, k_max: int, canonical_scale: float = 224,
@@ -780,7 +1001,7 @@ def multilevel_roi_align(features: Sequence[Array], boxes: Array,
                          sampling_ratio: int = 2, aligned: bool = False,
                          canonical_scale: float = 224, canonical_level: int = 4,
                          eps: float = 1e-6, *, reduce: str = "ave",
-                         max_samples: int = MAX_SAMPLES) -> Array:
+                         max_samples: int = MAX_SAMPLES, method: str = "auto") -> Array:
   """FPN RoIAlign: each box pooled from one level, equal to `torchvision.ops.MultiScaleRoIAlign`.
 
   The level comes from `map_roi_levels` with `k_min = -log2(scales[0])` and
@@ -801,7 +1022,7 @@ def multilevel_roi_align(features: Sequence[Array], boxes: Array,
     sampling_ratio: g >= 1 samples per bin along each axis, or 0: adaptive (see `roi_align`).
     aligned: torchvision's `aligned` (MultiScaleRoIAlign itself always uses False).
     canonical_scale, canonical_level, eps: see `map_roi_levels`.
-    reduce, max_samples: as in `roi_align`.
+    reduce, max_samples, method: as in `roi_align`.
 
   Returns:
     [N, S_h, S_w, C] pooled features in the maps' dtype (accumulated in float32).
@@ -818,14 +1039,14 @@ def multilevel_roi_align(features: Sequence[Array], boxes: Array,
   _check_boxes(boxes)
   out = _pool_levels([f[None] for f in features], boxes.astype(jnp.float32)[None], size, scales,
                      sampling_ratio, aligned, canonical_scale, canonical_level, eps,
-                     reduce=reduce, max_samples=max_samples)
+                     reduce=reduce, max_samples=max_samples, method=method)
   return out[0]
 
 
 def roi_align_batched(features: Array, boxes: Array, output_size: OutputSize,
                       spatial_scale: float = 1.0, sampling_ratio: int = 2,
                       aligned: bool = False, *, reduce: str = "ave",
-                      max_samples: int = MAX_SAMPLES) -> Array:
+                      max_samples: int = MAX_SAMPLES, method: str = "auto") -> Array:
   """`roi_align` over a batch: image b's boxes read only image b's map.
 
   Equal to `jax.vmap(roi_align)` over the leading axis, but implemented by flattening the batch
@@ -835,7 +1056,8 @@ def roi_align_batched(features: Array, boxes: Array, output_size: OutputSize,
     features: [B, H, W, C] feature maps (NHWC), any float dtype.
     boxes: [B, N, 4] float32 (x1, y1, x2, y2) input pixels; padding rows may hold anything finite
       (mask their outputs with the caller's `valid`).
-    output_size, spatial_scale, sampling_ratio, aligned, reduce, max_samples: as in `roi_align`.
+    output_size, spatial_scale, sampling_ratio, aligned, reduce, max_samples, method: as in
+      `roi_align`.
 
   Returns:
     [B, N, S_h, S_w, C] pooled features in `features`' dtype.
@@ -847,7 +1069,7 @@ def roi_align_batched(features: Array, boxes: Array, output_size: OutputSize,
     raise ValueError(f"features must be [B, H, W, C], got shape {features.shape}")
   return multilevel_roi_align_batched([features], boxes, output_size, [spatial_scale],
                                       sampling_ratio=sampling_ratio, aligned=aligned,
-                                      reduce=reduce, max_samples=max_samples)
+                                      reduce=reduce, max_samples=max_samples, method=method)
 
 
 def multilevel_roi_align_batched(features: Sequence[Array], boxes: Array,
@@ -855,7 +1077,8 @@ def multilevel_roi_align_batched(features: Sequence[Array], boxes: Array,
                                  sampling_ratio: int = 2, aligned: bool = False,
                                  canonical_scale: float = 224, canonical_level: int = 4,
                                  eps: float = 1e-6, extents: Array = None, *,
-                                 reduce: str = "ave", max_samples: int = MAX_SAMPLES) -> Array:
+                                 reduce: str = "ave", max_samples: int = MAX_SAMPLES,
+                                 method: str = "auto") -> Array:
   """`multilevel_roi_align` over a batch: image b's boxes read only image b's maps.
 
   Equal to `jax.vmap(multilevel_roi_align)` over the leading axis (see `roi_align_batched`).
@@ -868,7 +1091,7 @@ def multilevel_roi_align_batched(features: Sequence[Array], boxes: Array,
     extents: optional [B, L, 2] int32 (h, w) <= (H_l, W_l): each image's maps are treated as if
       only their top-left `h x w` existed (the kernel's border rules apply there), which is what
       an image padded less than the batch canvas saw in torchvision. None: the whole maps.
-    reduce, max_samples: as in `roi_align`.
+    reduce, max_samples, method: as in `roi_align`.
 
   Returns:
     [B, N, S_h, S_w, C] pooled features in the maps' dtype.
@@ -882,7 +1105,7 @@ def multilevel_roi_align_batched(features: Sequence[Array], boxes: Array,
   _check_batched(features, scales, boxes, extents)
   return _pool_levels(features, boxes.astype(jnp.float32), size, scales, sampling_ratio, aligned,
                       canonical_scale, canonical_level, eps, extents, reduce=reduce,
-                      max_samples=max_samples)
+                      max_samples=max_samples, method=method)
 
 
 def _check_batched(features: Sequence[Array], scales: Sequence[float], boxes: Array,

@@ -25,9 +25,9 @@ from jax import lax
 
 from maskrcnn_jax.ops.roi_align import (
     OutputSize,
+    _by_platform_chunks,
     _check_batched,
     _check_boxes,
-    _chunk_size,
     _chunked,
     _divisor,
     _flatten_maps,
@@ -176,8 +176,8 @@ def _pool_levels(features: Sequence[Array], boxes: Array, size: Tuple[int, int],
   S_w, C]."""
   batch, n = boxes.shape[:2]
   channels = features[0].shape[-1]
-  flat, boxes, maps = _flatten_maps(features, boxes, scales, canonical_scale, canonical_level, eps,
-                                    extents, pad=False)
+  flat, boxes, maps, _ = _flatten_maps(features, boxes, scales, canonical_scale,
+                                       canonical_level, eps, extents, pad=False)
   if batch * n == 0:
     return jnp.zeros((batch, n) + size + (channels,), flat.dtype)
   k_h = _window_size(max(f.shape[1] for f in features), size[0], max_bin_size)
@@ -188,8 +188,10 @@ def _pool_levels(features: Sequence[Array], boxes: Array, size: Tuple[int, int],
   cols, col_ok = _windows(*_bin_edges(start[:, 0], length[:, 0], maps.width, size[1]),
                           maps.width, k_w)
   stride = maps.width if maps.stride is None else maps.stride
-  chunk = _chunk_size(batch * n, size[0] * size[1] * k_h * k_w * channels * 4)
-  out = _pool_flat(flat, rows, row_ok, cols, col_ok, maps.offset, stride, chunk)
+  out = _by_platform_chunks(
+      lambda chunk, *a: _pool_flat(*a, chunk), batch * n,
+      size[0] * size[1] * k_h * k_w * channels * 4, flat, rows, row_ok, cols, col_ok,
+      maps.offset, stride)
   return out.reshape((batch, n) + out.shape[1:])
 
 

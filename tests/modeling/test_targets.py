@@ -153,13 +153,18 @@ def test_project_mask_crops_equals_float64_resampling(seed):
   rois, gt_index = _rois_near(rng, boxes, 48, 0.4)  # partly outside the gt box: target 0 there
   rois[0] = boxes[gt_index[0]]  # the gt box itself
   rois[1] = boxes[gt_index[1]] + np.array([-200, -200, -150, -150], np.float32)  # far outside
-  ours = np.asarray(project_mask_crops(jnp.asarray(crops), jnp.asarray(boxes),
-                                       jnp.asarray(gt_index), jnp.asarray(rois), OUT))
   ref = np_project_mask_crops(crops, boxes, gt_index, rois, OUT)
-  assert ours.shape == (48, OUT, OUT) and ours.dtype == np.float32
-  np.testing.assert_allclose(ours, ref, atol=1e-5)
-  assert (ours[1] == 0).all()
-  assert ((ours >= 0) & (ours <= 1 + 1e-6)).all()
+  forms = {}
+  for method in ("gather", "einsum"):  # the CPU form and the accelerators' (matmuls)
+    ours = np.asarray(project_mask_crops(jnp.asarray(crops), jnp.asarray(boxes),
+                                         jnp.asarray(gt_index), jnp.asarray(rois), OUT,
+                                         method=method))
+    assert ours.shape == (48, OUT, OUT) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    assert (ours[1] == 0).all()
+    assert ((ours >= 0) & (ours <= 1 + 1e-6)).all()
+    forms[method] = ours
+  np.testing.assert_allclose(forms["einsum"], forms["gather"], atol=1e-6)
 
 
 @pytest.mark.reference
