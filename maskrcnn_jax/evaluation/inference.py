@@ -32,10 +32,61 @@ def _forward(model, variables, images, image_sizes, padded_sizes):
   return model.apply(variables, images, image_sizes, padded_sizes)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _paste(masks, boxes, height, width):
+@functools.partial(jax.jit, static_argnums=0)
+def _detect(model, variables, images, image_sizes, padded_sizes):
+  TRACE_COUNTS["forward"] += 1
+  return model.apply(variables, images, image_sizes, padded_sizes, method=model.detect)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _heads(model, variables, pyramid, padded_sizes, dets, slots):
+  TRACE_COUNTS["heads"] += 1
+  first = {k: v[:, :slots] for k, v in dets.items() if k in _DETECTION_KEYS}
+  out = model.apply(variables, pyramid, padded_sizes, first, method=model.predict_heads)
+  return {**dets, **out}
+
+
+# Entries of `MaskRCNN.detect`'s detections with one slot per detection ([B, D, ...]).
+_DETECTION_KEYS = ("boxes", "scores", "labels", "valid")
+
+
+def head_slots(valid: np.ndarray) -> int:
+  """Detection slots the RoI heads run on: the smallest power of two (or D) holding every
+  image's valid detections, when those come first (as `detect` returns them); else all D.
+
+  Args:
+    valid: [B, D] bool.
+  """
+  d = valid.shape[1]
+  count = int(valid.sum(axis=1).max(initial=0))
+  if not np.array_equal(valid, np.arange(d)[None, :] < valid.sum(axis=1, keepdims=True)):
+    return d
+  slots = 1
+  while slots < count:
+    slots *= 2
+  return min(slots, d)
+
+
+def _two_stage_forward(model, variables, batch, sizes, padded):
+  """`model.apply` as `detect` (dispatched now) and the RoI heads on `head_slots` detection slots
+  (run when the returned function is called: it reads the valid flags back first)."""
+  sizes, padded = jnp.asarray(sizes), jnp.asarray(padded)
+  pyramid, dets = _detect(model, variables, jnp.asarray(batch), sizes, padded)
+  if not model.roi_heads:
+    return dets
+
+  def heads():
+    slots = head_slots(np.asarray(dets["valid"]))
+    return _heads(model, variables, pyramid, padded, dets, slots)
+
+  return heads
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _paste(masks, boxes, height, width, threshold=None):
   TRACE_COUNTS["paste"] += 1
-  return paste_masks(masks, boxes, height, width)
+  pasted = paste_masks(masks, boxes, height, width)
+  return pasted if threshold is None else pasted > threshold
 
 
 def _check_images(images) -> None:
@@ -88,7 +139,7 @@ def predict(model, variables, images: List[np.ndarray], exact_padding: bool = Fa
     p["canvas"] = p["padded"] if exact_padding else (_round_up(h, bucket), _round_up(w, bucket))
 
   def forward(batch, sizes, padded):
-    return _forward(model, variables, jnp.asarray(batch), jnp.asarray(sizes), jnp.asarray(padded))
+    return _two_stage_forward(model, variables, batch, sizes, padded)
 
   return run_batches(prepared, forward, batch_size, bucket, mask_threshold, model.point_keys)
 
@@ -124,7 +175,8 @@ def run_batches(prepared: List[Dict], forward: Callable, batch_size: int, bucket
   Args:
     prepared: `prepare_images` dicts with their canvas.
     forward: (images [b, H, W, 3] float32, image_sizes [b, 2] int32, padded_sizes [b, 2] int32)
-      -> the model's detection dict of device arrays [b, ...] (canvas pixels).
+      -> the model's detection dict of device arrays [b, ...] (canvas pixels), or a function
+      returning it (called when the batch's results are read).
     batch_size: b, images per call (a short last batch is padded with blank images).
     bucket, mask_threshold: as in `predict`.
     point_keys: detection entries holding (x, y, ...) points in canvas pixels.
@@ -136,7 +188,7 @@ def run_batches(prepared: List[Dict], forward: Callable, batch_size: int, bucket
   pending = None
 
   def finish(chunk, out):
-    out = jax.device_get(out)
+    out = jax.device_get(out() if callable(out) else out)
     for j, i in enumerate(chunk):
       results[i] = _to_original_frame({k: v[j] for k, v in out.items()}, prepared[i],
                                       bucket, mask_threshold, point_keys)
@@ -178,14 +230,16 @@ def _to_original_frame(det: Dict[str, np.ndarray], p: Dict[str, Any], bucket: in
     small = det["masks"][valid]
     n = small.shape[0]
     ch, cw = _round_up(h0, bucket), _round_up(w0, bucket)
-    full = np.zeros((n, h0, w0), np.float32)
+    threshold = None if mask_threshold is None else float(mask_threshold)
+    # Thresholded on the device: a bool comes back instead of a float32 per pixel.
+    full = np.zeros((n, h0, w0), np.float32 if threshold is None else bool)
     for s in range(0, n, _PASTE_CHUNK):
       m = np.zeros((_PASTE_CHUNK,) + small.shape[1:], np.float32)
       b = np.zeros((_PASTE_CHUNK, 4), np.float32)
       k = min(_PASTE_CHUNK, n - s)
       m[:k], b[:k] = small[s:s + k], boxes[s:s + k]
-      full[s:s + k] = np.asarray(_paste(m, b, ch, cw))[:k, :h0, :w0]
-    res["masks"] = full > mask_threshold if mask_threshold is not None else full
+      full[s:s + k] = np.asarray(_paste(m, b, ch, cw, threshold)[:k, :h0, :w0])
+    res["masks"] = full
   # Points ([D, P, 2 + n], x and y in canvas pixels; torchvision's resize_keypoints) scale as
   # boxes; other heads' per-detection predictions ([D, ...], no image coordinates) pass through.
   for k in point_keys:

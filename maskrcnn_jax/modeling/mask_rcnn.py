@@ -160,6 +160,17 @@ class MaskRCNN(nn.Module):
       `prediction_keys` (the mask head's masks [B, D, 2S, 2S]: probabilities of the labelled
       class; 28 x 28 with FPN, 14 x 14 in C4 models).
     """
+    pyramid, dets = self.detect(images, image_sizes, padded_sizes)
+    return self.predict_heads(pyramid, padded_sizes, dets)
+
+  def detect(self, images, image_sizes, padded_sizes):
+    """The first part of `__call__`: backbone, RPN, box head and its postprocess.
+
+    Returns:
+      (pyramid, dets): the feature maps of `levels`, and the detections boxes, scores, labels,
+      valid [B, D] (valid ones first, in score order), proposals and proposal_valid, as in
+      `__call__` before the RoI heads.
+    """
     pyramid = self.features(images, padded_sizes)
     rpn_out = self.rpn(pyramid, image_sizes, padded_sizes, train=False)
     props, props_valid = rpn_out["proposals"], rpn_out["proposal_valid"]
@@ -167,12 +178,20 @@ class MaskRCNN(nn.Module):
     logits, deltas = self.box_head(self._box_features(ctx, props))
     dets = jax.vmap(lambda *a: self.postprocess(*a, self.box_head.bbox_reg_weights))(
         logits, deltas, props, props_valid, image_sizes)
+    dets["proposals"] = props
+    dets["proposal_valid"] = props_valid
+    return pyramid, dets
+
+  def predict_heads(self, pyramid, padded_sizes, dets):
+    """The second part of `__call__`: every RoI head's `predict` on `dets` (of `detect`, or its
+    first D' <= D detection slots: inference runs the heads on a bucket holding the valid ones).
+    Returns `dets` with the heads' `prediction_keys` added ([B, D', ...])."""
+    ctx = self._context(pyramid, padded_sizes, False, None)
+    dets = dict(dets)
     for name, _, _ in self.roi_heads:
       out = getattr(self, name).predict(ctx, dets)
       ctx.outputs[name] = out
       dets.update({k: out[k] for k in self.head(name).prediction_keys})
-    dets["proposals"] = props
-    dets["proposal_valid"] = props_valid
     return dets
 
   def losses(self, batch: Mapping[str, Array], keys: Array,

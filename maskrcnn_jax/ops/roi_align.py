@@ -94,7 +94,13 @@ def _chunk_size(n: int, box_bytes: int = None, platform: str = "cpu") -> int:
   chunk = _CHUNK.get(platform, _CHUNK_ACCELERATOR)
   if box_bytes is not None:
     chunk = min(chunk, max(1, chunk * _CHUNK_BOX_BYTES // max(int(box_bytes), 1)))
-  return max(1, min(n, chunk))
+  return _at_most(n, max(1, chunk))
+
+
+def _at_most(n, chunk: int) -> int:
+  """min(n, chunk) for a static N; `chunk` for a symbolic one (jax.export's batch `b`: the last
+  chunk is padded either way)."""
+  return max(1, min(n, chunk)) if isinstance(n, int) else chunk
 
 
 def _by_platform_chunks(fn, n: int, box_bytes: int, *args):
@@ -651,7 +657,7 @@ def _dense_backward(layout: _Layout, level: Array, plan: _Plan, cotangent: Array
   hi = lax.Precision.HIGHEST
   for index, (height, width) in enumerate(layout.shapes):
     # Largest step intermediate: [chunk, B, S_h, W, C] float32 (the batch width counts).
-    chunk = max(1, min(n, _EINSUM_STEP_BYTES // (b * s_h * width * channels * 4)))
+    chunk = _at_most(n, max(1, _EINSUM_STEP_BYTES // (b * s_h * width * channels * 4)))
     chunks = -(-n // chunk)
     xs = [_chunked(a, chunks, chunk) for a in axes]
 
@@ -754,7 +760,7 @@ def _pool_flat(flat: Array, plan: _Plan, size: Tuple[int, int], grid: int,
   # (then every box fits: e.g. the mask targets' one-channel crops), else `EINSUM_WINDOW`.
   side = max(max(shape) for shape in layout.shapes)
   window = side if side * side * flat.shape[-1] <= EINSUM_WINDOW ** 2 * 256 else EINSUM_WINDOW
-  wide = max(1, min(n, _EINSUM_STEP_BYTES // (window * window * flat.shape[-1] * 4)))
+  wide = _at_most(n, max(1, _EINSUM_STEP_BYTES // (window * window * flat.shape[-1] * 4)))
 
   def einsum_form(flat, plan, level):
     return _pool_flat_einsum(flat, plan, level, layout, tuple(size), grid, window, wide)

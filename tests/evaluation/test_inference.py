@@ -87,3 +87,45 @@ def test_unknown_config_keys_are_errors():
   cfg.model.box_pooler.type = "bogus"  # checked when the model is built, not when traced
   with pytest.raises(ValueError, match="box_pooler.*bogus"):
     build_model(cfg.model)
+
+
+def test_heads_run_on_a_bucket_of_the_valid_detections():
+  """The RoI heads run on the smallest power of two of slots holding the valid detections, and
+  give what the one-program forward over all D slots gives."""
+  v = np.zeros((2, 100), bool)
+  assert inference.head_slots(v) == 1
+  v[0, :3] = True
+  v[1, :9] = True
+  assert inference.head_slots(v) == 16
+  v[1, :] = True
+  assert inference.head_slots(v) == 100
+  v[0, 50] = True  # not a prefix: all slots
+  assert inference.head_slots(v) == 100
+
+  cfg = tiny.get_config()
+  cfg.model.postprocess.score_threshold = 0.4  # 32 and 24 valid detections of 100 here
+  model = build_model(cfg.model)
+  variables = quick_variables(model)
+  rng = np.random.default_rng(4)
+  batch = (rng.normal(size=(2, 128, 128, 3)) * 0.5).astype(np.float32)
+  sizes = np.array([[128, 128], [100, 120]], np.int32)
+  before = inference.TRACE_COUNTS["heads"]
+  staged = inference._two_stage_forward(model, variables, batch, sizes, sizes)()
+  assert inference.TRACE_COUNTS["heads"] - before == 1
+  whole = inference._forward(model, variables, batch, sizes, sizes)
+  slots = staged["masks"].shape[1]
+  valid = np.asarray(whole["valid"])
+  assert slots == 32 and valid.sum(1).tolist() == [32, 24]
+  for k in ("boxes", "scores", "labels", "valid"):  # the detections, cut to the bucket
+    np.testing.assert_array_equal(staged[k], np.asarray(whole[k])[:, :slots])
+  np.testing.assert_array_equal(staged["proposals"], whole["proposals"])
+  np.testing.assert_allclose(np.asarray(staged["masks"])[valid[:, :slots]],
+                             np.asarray(whole["masks"])[valid], atol=1e-5)
+
+
+def test_masks_thresholded_on_the_device(tiny_model):
+  images = [np.random.default_rng(2).integers(0, 255, (90, 110, 3), dtype=np.uint8)]
+  probs = _predict(tiny_model, images)[0]
+  binary = _predict(tiny_model, images, mask_threshold=0.5)[0]
+  assert binary["masks"].dtype == bool and len(probs["scores"]) > 0
+  np.testing.assert_array_equal(binary["masks"], probs["masks"] > 0.5)
