@@ -69,13 +69,22 @@ def case_for(size: int):
   return "astronaut", size, size
 
 
-def write_inputs(out_dir: str) -> None:
-  """Child: builds the torchvision model and writes its weights (.pth and .npz) and the photos."""
+def write_inputs(out_dir: str, init: str = "detector") -> None:
+  """Child: builds the torchvision model and writes its weights (.pth and .npz) and the photos.
+
+  init: "detector" (detector-like random weights: 100 detections on both sides) or "plain"
+  (torchvision's own random init, `maskrcnn_resnet50_fpn(weights=None)` after
+  `torch.manual_seed(0)`: few detections)."""
   import torch  # noqa: F401  (torch before anything else heavy)
   import torchvision  # noqa: F401
 
   from tests.reference import tv_models
-  tv = tv_models.build_torchvision(depth=50, seed=0)
+  if init == "plain":
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+    torch.manual_seed(0)
+    tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
+  else:
+    tv = tv_models.build_torchvision(depth=50, seed=0)
   sd = tv.state_dict()
   torch.save(sd, os.path.join(out_dir, "tv.pth"))
   np.savez(os.path.join(out_dir, "weights.npz"),
@@ -424,6 +433,7 @@ STAGE_ROWS = [
 
 
 def run_size(size, args, in_dir, tv, model, variables):
+  import maskrcnn_jax
   import maskrcnn_jax.evaluation.inference as inference
   from tests.reference.tv_models import match_detections
 
@@ -476,6 +486,18 @@ def run_size(size, args, in_dir, tv, model, variables):
   res["aot"] = {k: compile_split(model, variables, image, min_size, max_size, k == "exact")
                 for k in ("bucketed", "exact")}
 
+  # Throughput over several images (batch 1): ours dispatches image i + 1 before reading image i.
+  if args.throughput:
+    many = [np.ascontiguousarray(image[:, ::-1]) if i % 2 else image
+            for i in range(args.throughput)]
+    ours_many = lambda: maskrcnn_jax.predict(model, variables, many, min_size=min_size,  # noqa
+                                             max_size=max_size, bucket=BUCKET)
+    tv_many = lambda: [tv_predict(tv, im) for im in many]  # noqa: E731
+    ours_many()  # the mirrored photo's detection count may need another head bucket
+    tput = _common.interleaved_times({"ours": ours_many, "torchvision": tv_many}, 1, warmup=0)
+    res["throughput"] = {k: len(many) / v.wall[0] for k, v in tput.items()}
+    res["throughput_images"] = len(many)
+
   # Agreement (a sanity check that both sides compute the same thing).
   res["agree"] = {}
   for name in ("bucketed", "exact"):
@@ -517,6 +539,11 @@ def print_size(res, memory):
   for k, a in res["aot"].items():
     print(f"  ahead-of-time, {k} canvas {a['canvas'][0]}x{a['canvas'][1]}: trace + lower "
           f"{a['trace_lower_s']:.1f} s, XLA compile {a['compile_s']:.1f} s")
+  if "throughput" in res:
+    t = res["throughput"]
+    print(f"  throughput over {res['throughput_images']} images, batch 1: ours "
+          f"{t['ours']:.3f} images/s, torchvision {t['torchvision']:.3f} images/s "
+          f"(ours/tv time {t['torchvision'] / t['ours']:.2f}x)")
   for k, a in res["agree"].items():
     print(f"  agreement, {k}: {a['n_ours']} detections vs torchvision's {a['n_ref']}, "
           f"{a['rate']:.0%} matched, {a['mask_ok']:.0%} of matched masks IoU >= 0.98")
@@ -584,6 +611,13 @@ def markdown(results, memories, args, header):
         f"| {b['bucketed'] / b['torchvision']:.2f}x "
         f"| {c['bucketed']:.2f} / {c['torchvision']:.2f} = {c['bucketed'] / c['torchvision']:.2f}x "
         f"| {'n/a' if oth is None else f'{oth:.1f}'} | {comp} | {mem} |")
+  for res in results:
+    if "throughput" in res:
+      t = res["throughput"]
+      lines += ["", f"Throughput, {res['photo']} at {res['size']}, {res['throughput_images']} "
+                f"images at batch 1: ours {t['ours']:.3f} images/s, torchvision "
+                f"{t['torchvision']:.3f} images/s (ours/tv time "
+                f"{t['torchvision'] / t['ours']:.2f}x)."]
   staged = [r for r in results if "ours_stages" in r]
   if staged:
     lines += ["",
@@ -611,13 +645,18 @@ def main():
   parser.add_argument("--skip-stages", action="store_true", help="no per-stage breakdown")
   parser.add_argument("--torch-threads", type=int, default=TORCH_THREADS,
                       help="torch.set_num_threads for torchvision")
+  parser.add_argument("--init", choices=["detector", "plain"], default="detector",
+                      help="detector-like random weights (100 detections on both sides) or "
+                      "torchvision's plain random init (few detections)")
+  parser.add_argument("--throughput", type=int, default=8,
+                      help="images per throughput run (images/s, batch 1; 0: skip)")
   parser.add_argument("--child", choices=["ours", "torch", "inputs"], help=argparse.SUPPRESS)
   parser.add_argument("--in-dir", help=argparse.SUPPRESS)
   args = parser.parse_args()
   TORCH_THREADS = args.torch_threads
 
   if args.child == "inputs":
-    write_inputs(args.in_dir)
+    write_inputs(args.in_dir, args.init)
     return
   if args.child:
     print(json.dumps(memory_child(args.child, args.sizes[0], args.runs, args.in_dir)))
@@ -627,7 +666,8 @@ def main():
   tmp = tempfile.TemporaryDirectory(prefix="bench_inference_")
   in_dir = tmp.name
   # Everything that spawns a measuring child happens while this process is still small.
-  _common.run_json_child([os.path.abspath(__file__), "--child", "inputs", "--in-dir", in_dir])
+  _common.run_json_child([os.path.abspath(__file__), "--child", "inputs", "--in-dir", in_dir,
+                          "--init", args.init])
   print(f"weights and photos written ({time.perf_counter() - start:.0f} s)", flush=True)
   memories = {}
   if not args.skip_memory:
@@ -655,7 +695,9 @@ def main():
             f"jax {jax.__version__} (default CPU client), torch {torch.__version__} "
             f"({TORCH_THREADS} threads), torchvision {torchvision.__version__}; median of "
             f"{args.runs} runs after a warm-up, interleaved; {load_start} at start, "
-            f"{_common.load_average()} at end; R50-FPN, detector-like random weights, batch 1.")
+            f"{_common.load_average()} at end; R50-FPN, "
+            f"{'detector-like' if args.init == 'detector' else 'torchvision plain'} random "
+            f"weights, batch 1.")
   print("\n" + header)
   for res in results:
     print_size(res, memories.get(res["size"]))
