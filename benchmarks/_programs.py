@@ -25,7 +25,8 @@ def batch_shapes(config, model, batch: int) -> Dict:
   m, mc = int(d.get("max_instances", 100)), int(d.get("max_crowd_instances", 20))
   s = int(d.get("mask_crop_size", 112))
   k = int(config.model.get("keypoint_head", {}).get("num_keypoints", 17))
-  shapes = dict(image=((batch, h, w, 3), np.float32), image_size=((batch, 2), np.int32),
+  shapes = dict(image=((batch, h, w, 3), np.dtype(d.get("image_dtype", "float32"))),
+                image_size=((batch, 2), np.int32),
                 gt_boxes=((batch, m, 4), np.float32), gt_classes=((batch, m), np.int32),
                 gt_valid=((batch, m), bool), crowd_boxes=((batch, mc, 4), np.float32),
                 crowd_valid=((batch, mc), bool),
@@ -44,7 +45,10 @@ def synthetic_batch(config, model, batch: int, seed: int = 0) -> Dict[str, np.nd
   shapes = batch_shapes(config, model, batch)
   out = {k: np.zeros(s, dt) for k, (s, dt) in shapes.items()}
   h, w = shapes["image"][0][1:3]
-  out["image"] = rng.normal(size=shapes["image"][0]).astype(np.float32)
+  if out["image"].dtype == np.uint8:  # sent as uint8, normalized on the device
+    out["image"] = rng.integers(0, 256, shapes["image"][0], dtype=np.uint8)
+  else:
+    out["image"] = rng.normal(size=shapes["image"][0]).astype(np.float32)
   out["image_size"][:] = (h, w)
   n = min(8, shapes["gt_boxes"][0][1])
   xy = rng.uniform(0, 0.6, (batch, n, 2)) * (w, h)

@@ -74,6 +74,8 @@ def data_config() -> ml_collections.ConfigDict:
   d.max_instances = 100
   d.max_crowd_instances = 20
   d.mask_crop_size = 112
+  d.image_dtype = "float32"      # 'uint8': images sent rounded, normalized on the device (4x less)
+  d.mask_dtype = "float32"       # 'uint8': mask crops binarized at 0.5 (4x fewer bytes)
   d.min_keypoints_per_image = 0  # keypoints: training skips images with fewer labelled keypoints
                                  # (0 = off; torchvision's COCO keypoint reference uses 10)
   d.keypoint_flip_permutation = ()  # keypoints: which point a flip swaps with which; () = from

@@ -37,5 +37,6 @@ def get_config():
   d.scale_range = (0.8, 1.25)
   d.max_instances = 100
   d.mask_crop_size = 112
+  d.image_dtype = "uint8"        # normalized on the device: a quarter of the host-to-TPU bytes
   d.shuffle_buffer = 4096
   return c

@@ -460,6 +460,19 @@ def normalize(mean=IMAGE_MEAN, std=IMAGE_STD):
   return fn
 
 
+def quantize_image():
+  """image (float32 in [0, 255], after resizing) -> uint8, rounded: 4x fewer bytes to the device,
+  which normalizes it there (`ops.images.normalize_images`). Rounding moves a pixel by at most
+  0.5 / 255, ~0.009 after normalization."""
+
+  def fn(features):
+    out = dict(features)
+    out["image"] = tf.cast(tf.round(tf.clip_by_value(tf.cast(features["image"], tf.float32), 0.0,
+                                                     255.0)), tf.uint8)
+    return out
+  return fn
+
+
 def pad_image(size):
   """Pads the image with zeros at the bottom and right to `size` = (height, width); error if it is
   larger. `image_size` keeps the unpadded size."""

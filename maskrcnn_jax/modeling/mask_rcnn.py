@@ -23,6 +23,7 @@ from maskrcnn_jax.modeling.roi_heads import BoxHead, HeadContext, Postprocess
 from maskrcnn_jax.modeling.rpn import RPN
 from maskrcnn_jax.modeling.samplers import AnchorSampler, GroundTruth, RoISampler
 from maskrcnn_jax.ops.boxes import encode_boxes
+from maskrcnn_jax.ops.images import normalize_images
 from maskrcnn_jax.types import Array
 
 # What every training batch holds (heads add their `batch_keys`).
@@ -203,7 +204,8 @@ class MaskRCNN(nn.Module):
 
     Args:
       batch: a dict holding `batch_keys`:
-        image [B, H, W, 3] normalized canvas (H, W multiples of 32);
+        image [B, H, W, 3] normalized float canvas (H, W multiples of 32), or the uint8
+          canvas of the resized RGB image (`data.image_dtype='uint8'`), normalized here;
         image_size [B, 2] int32 (h, w) of the resized image inside the canvas;
         gt_boxes [B, M, 4] float32 (x1, y1, x2, y2) canvas pixels; gt_classes [B, M] int32 in
           1..K-1; gt_valid [B, M] bool;
@@ -228,6 +230,8 @@ class MaskRCNN(nn.Module):
     if missing:
       raise ValueError(f"the batch lacks {missing} (this model's losses read {self.batch_keys})")
     image_sizes = batch["image_size"]
+    if images.dtype == jnp.uint8:  # sent as uint8: normalized on the device
+      images = normalize_images(images, image_sizes)
     canvas = jnp.tile(jnp.asarray(images.shape[1:3], jnp.int32), (b, 1))
     gt = GroundTruth(
         batch["gt_boxes"].astype(jnp.float32), batch["gt_classes"], batch["gt_valid"],

@@ -41,7 +41,7 @@ DATA_KEYS = ("dataset", "root", "annotations", "tfds_dir", "prepare_workers", "c
              "shapes", "keypoint_shapes", "train_split", "eval_split", "image_size", "resize",
              "min_size", "max_size", "scale_range", "flip_prob", "max_instances",
              "max_crowd_instances", "mask_crop_size", "min_keypoints_per_image",
-             "keypoint_flip_permutation", "shuffle_buffer", "seed")
+             "keypoint_flip_permutation", "shuffle_buffer", "seed", "image_dtype", "mask_dtype")
 SECTION_KEYS = {"shapes": SHAPES_KEYS, "keypoint_shapes": KEYPOINT_SHAPES_KEYS}
 _DEFAULTS = {
     "shapes": dict(num_train=1000, num_val=100, seed=0, image_size=128, min_objects=1,
@@ -168,6 +168,10 @@ def validate(data: Mapping[str, Any]):
                       "config.data.keypoint_flip_permutation a list of ints") from None
   if min_kp < 0:
     raise ConfigError(f"config.data.min_keypoints_per_image must be >= 0, got {min_kp}")
+  for key in ("image_dtype", "mask_dtype"):
+    if data.get(key, "float32") not in ("float32", "uint8"):
+      raise ConfigError(f"config.data.{key} must be 'float32' or 'uint8', got "
+                        f"{data.get(key)!r}")
   if perm and sorted(perm) != list(range(len(perm))):
     raise ConfigError(f"config.data.keypoint_flip_permutation={perm} is not a permutation of "
                       f"range({len(perm)})")
@@ -212,7 +216,9 @@ def train_iterator(builder, data: Mapping[str, Any], batch_size: int, start_batc
       start_batch=int(start_batch),
       min_keypoints_per_image=int(data.get("min_keypoints_per_image", 0)),
       keypoint_flip_permutation=tuple(int(p) for p in
-                                      data.get("keypoint_flip_permutation", ()) or ()) or None)
+                                      data.get("keypoint_flip_permutation", ()) or ()) or None,
+      image_dtype=str(data.get("image_dtype", "float32")),
+      mask_dtype=str(data.get("mask_dtype", "float32")))
 
 
 def _int_or_tuple(v):

@@ -159,3 +159,25 @@ def test_builder_path_accepted(shapes_builder):
   batch = next(pipeline.make_dataset(str(shapes_builder.data_dir), "validation", batch_size=2,
                                      training=False, **KW))
   assert batch["image"].shape == (2, 64, 64, 3)
+
+
+def test_uint8_images_are_the_float_images_rounded(shapes_builder):
+  """image_dtype='uint8': the resized pixels rounded, zero padding; normalizing them (numpy
+  float64, the reference) gives the float32 pipeline's image within half a grey level."""
+  kw = dict(batch_size=3, training=False, **KW)
+  floats = next(pipeline.make_dataset(shapes_builder, "validation", **kw))
+  ints = next(pipeline.make_dataset(shapes_builder, "validation", image_dtype="uint8", **kw))
+  assert ints["image"].dtype == np.uint8 and ints["image"].shape == floats["image"].shape
+  np.testing.assert_array_equal(ints["image_size"], floats["image_size"])
+  mean = np.array([0.485, 0.456, 0.406])
+  std = np.array([0.229, 0.224, 0.225])
+  for b in range(3):
+    h, w = ints["image_size"][b]
+    ref = (ints["image"][b, :h, :w] / 255.0 - mean) / std
+    np.testing.assert_allclose(floats["image"][b, :h, :w], ref, atol=0.5 / 255 / 0.224 + 1e-5)
+    assert np.all(ints["image"][b, h:] == 0) and np.all(ints["image"][b, :, w:] == 0)
+  for k in floats:
+    if k != "image":
+      np.testing.assert_array_equal(ints[k], floats[k], err_msg=k)
+  with pytest.raises(ValueError, match="image_dtype"):
+    pipeline.default_transforms(training=True, image_dtype="float16")
