@@ -20,6 +20,8 @@ from maskrcnn_jax.ops.masks import paste_masks
 # Python-side trace counters: incremented only while jax traces, so they count compilations.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 _PASTE_CHUNK = 16
+# Whether `run_batches` sends batch i + 1 before reading batch i; None: on accelerators only.
+DISPATCH_AHEAD = None
 
 
 def _round_up(x: int, m: int) -> int:
@@ -106,7 +108,7 @@ def _check_images(images) -> None:
       raise ValueError(f"images[{i}] is empty: shape {im.shape}")
 
 
-def predict(model, variables, images: List[np.ndarray], exact_padding: bool = False,
+def predict(model, variables, images: List[np.ndarray], exact_padding: bool = None,
             min_size: int = 800, max_size: int = 1333, bucket: int = 128,
             batch_size: int = 1, mask_threshold: float = None) -> List[Dict[str, np.ndarray]]:
   """Detects (and segments) objects in images of any sizes.
@@ -115,9 +117,12 @@ def predict(model, variables, images: List[np.ndarray], exact_padding: bool = Fa
     model: a `MaskRCNN` (e.g. from `convert.from_torchvision` or `build_model`).
     variables: its {'params', 'batch_stats'}.
     images: list of [H, W, 3] uint8 RGB arrays, any sizes.
-    exact_padding: pad each image to the next multiple of 32 as torchvision does (one compile per
-      distinct padded shape: for side-by-side checks). Default: pad to multiples of `bucket`, with
-      anchors laid out as for the multiple-of-32 padding, so results stay close to torchvision's.
+    exact_padding: True: pad each image to the next multiple of 32 as torchvision does (one
+      compile per distinct padded shape); False: pad to multiples of `bucket` (fewer compiles),
+      with anchors laid out as for the multiple-of-32 padding, so results stay close to
+      torchvision's. None (default): exact on CPU, where the bucket's extra pixels cost more than
+      its saved compiles (R50-FPN at 800 px: 3.8 s vs 4.2 s per image, benchmarks/RESULTS.md),
+      buckets on accelerators.
     min_size, max_size: torchvision's resize (short side to min_size, long side at most max_size).
     bucket: canvas sides are multiples of this (a multiple of 32).
     batch_size: images per jitted call (a short last batch is padded).
@@ -133,6 +138,8 @@ def predict(model, variables, images: List[np.ndarray], exact_padding: bool = Fa
   _check_images(images)
   if bucket % 32:
     raise ValueError(f"bucket must be a multiple of 32, got {bucket}")
+  if exact_padding is None:
+    exact_padding = jax.default_backend() == "cpu"
   prepared = prepare_images(images, min_size, max_size)
   for p in prepared:
     h, w = p["size"]
@@ -169,8 +176,10 @@ def run_batches(prepared: List[Dict], forward: Callable, batch_size: int, bucket
   """Runs `forward` on batches of images of one canvas and returns their detections in the
   original frames (see `predict`).
 
-  Batches are dispatched one ahead: batch i + 1 is sent to the device before batch i's results are
-  read back and post-processed on the host, so the host work overlaps the next forward.
+  On accelerators batches are dispatched one ahead: batch i + 1 is sent to the device before batch
+  i's results are read back and post-processed on the host, so the host work overlaps the next
+  forward. On CPU the device is the host's own cores, which the two would share: there each batch
+  is finished before the next is sent (`DISPATCH_AHEAD` overrides: True / False).
 
   Args:
     prepared: `prepare_images` dicts with their canvas.
@@ -186,6 +195,7 @@ def run_batches(prepared: List[Dict], forward: Callable, batch_size: int, bucket
     groups[p["canvas"]].append(i)
   results: List[Dict[str, np.ndarray]] = [None] * len(prepared)
   pending = None
+  ahead = DISPATCH_AHEAD if DISPATCH_AHEAD is not None else jax.default_backend() != "cpu"
 
   def finish(chunk, out):
     out = jax.device_get(out() if callable(out) else out)
@@ -207,7 +217,11 @@ def run_batches(prepared: List[Dict], forward: Callable, batch_size: int, bucket
       if pending is not None:
         finish(*pending)
       pending = (chunk, out)
-  finish(*pending)
+      if not ahead:
+        finish(*pending)
+        pending = None
+  if pending is not None:
+    finish(*pending)
   return results
 
 
