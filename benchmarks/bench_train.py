@@ -248,7 +248,7 @@ def frozen_bn_torchvision_structure(**kwargs):
   return _swap_frozen(maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **kwargs), False)
 
 
-def run_ours(in_dir: str, steps: int, warmup: int) -> dict:
+def run_ours(in_dir: str, steps: int, warmup: int, remat: bool = False) -> dict:
   """The step train.py runs: `parallel.make_parallel_step(parallel.make_train_step(...))` (one
   device), with the production optimizer (`optimizer.make_optimizer`) set to the same recipe."""
   import jax
@@ -261,7 +261,9 @@ def run_ours(in_dir: str, steps: int, warmup: int) -> dict:
 
   with np.load(os.path.join(in_dir, "tv_weights.npz")) as f:
     state_dict = {k: f[k] for k in f.files}
-  model, variables = from_torchvision(state_dict, model_config=torchvision_model_config(50))
+  model_config = torchvision_model_config(50)
+  model_config.backbone.remat = bool(remat)
+  model, variables = from_torchvision(state_dict, model_config=model_config)
   del state_dict
   data = np.load(os.path.join(in_dir, "batch.npz"))
   images = ((data["images"] - MEAN) / STD).astype(np.float32)
@@ -312,7 +314,7 @@ def child_main(args) -> None:
   elif args.child == "torch":
     result = run_torch(args.dir, args.torch_steps, args.warmup)
   else:
-    result = run_ours(args.dir, args.ours_steps, args.warmup)
+    result = run_ours(args.dir, args.ours_steps, args.warmup, args.remat)
   print(json.dumps(result))
 
 
@@ -329,6 +331,8 @@ def main() -> None:
   p.add_argument("--torch-steps", type=int, default=6, help="torchvision steps in all")
   p.add_argument("--warmup", type=int, default=1, help="steps after the first left out of medians")
   p.add_argument("--skip-torch", action="store_true")
+  p.add_argument("--remat", action="store_true",
+                 help="ours with backbone.remat (blocks recomputed in the backward pass)")
   args = p.parse_args()
   if args.child:
     child_main(args)
@@ -339,6 +343,8 @@ def main() -> None:
     script = os.path.abspath(__file__)
     common = ["--dir", d, "--ours-steps", str(args.ours_steps), "--torch-steps",
               str(args.torch_steps), "--warmup", str(args.warmup)]
+    if args.remat:
+      common.append("--remat")
     info = _common.run_json_child([script, "--child", "inputs"] + common)
     ours = _common.run_json_child([script, "--child", "ours"] + common)
     tv = None if args.skip_torch else _common.run_json_child([script, "--child", "torch"] + common)

@@ -347,7 +347,7 @@ def torchvision_model_config(depth: int = 50, num_classes: int = 91, version: in
   m.loss_weights = ml_collections.ConfigDict(
       {name: 1.0 for name in BOX_LOSSES + ("loss_mask", "loss_maskiou", "loss_keypoint")})
   m.backbone = dict(type="resnet_fpn", depth=depth, width_per_group=64, stage_blocks=(),
-                    norm="bn" if v2 else "frozen_bn", norm_eps=1e-5)
+                    norm="bn" if v2 else "frozen_bn", norm_eps=1e-5, remat=False)
   m.fpn = dict(channels=256, norm="bn" if v2 else "none")
   m.rpn = dict(
       anchor_sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=(0.5, 1.0, 2.0),

@@ -46,15 +46,22 @@ def _check_blocks(stage_blocks: Sequence[int]) -> None:
                      f"{tuple(stage_blocks)}")
 
 
+# Bottleneck recomputed in the backward pass (`remat`): level, train and axis_name are static.
+_RematBottleneck = nn.remat(Bottleneck, static_argnums=(3, 4, 5))
+
+
 def _stage(x, stage: int, blocks: int, width_per_group: int, norm: str, eps: float, dtype,
-           sizes=None, train: bool = False, axis_name: Optional[str] = None):
+           sizes=None, train: bool = False, axis_name: Optional[str] = None,
+           remat: bool = False):
   """ResNet stage `stage` (0-based: layer{stage + 1}) of `blocks` bottlenecks, built in the calling
-  module's scope (names 'layer{stage + 1}_{i}', as torchvision's 'layer{stage + 1}.{i}')."""
+  module's scope (names 'layer{stage + 1}_{i}', as torchvision's 'layer{stage + 1}.{i}'); with
+  `remat` each block's activations are recomputed in the backward pass instead of stored."""
   width = width_per_group * 2 ** stage
+  block = _RematBottleneck if remat else Bottleneck
   for i in range(blocks):
     stride = 2 if (i == 0 and stage > 0) else 1
     level = 2 + stage - (1 if stride == 2 else 0)
-    x = Bottleneck(width, stride, norm, eps, dtype=dtype, name=f"layer{stage + 1}_{i}")(
+    x = block(width, stride, norm, eps, dtype=dtype, name=f"layer{stage + 1}_{i}")(
         x, sizes, level, train, axis_name)
   return x
 
@@ -81,6 +88,10 @@ class ResNet(nn.Module):
   num_stages: int = 4
   """Stages computed: 4 (C2..C5, FPN models) or 3 (C2..C4: C4 models, whose fourth stage is the
   RoI head, `ResNetStage`). Set by the builder from `backbone.type`."""
+  remat: bool = False
+  """Recompute each bottleneck's activations in the backward pass instead of keeping them
+  (`flax.linen.remat`): less training memory for ~one more backbone forward. Same variables,
+  same values."""
 
   def __post_init__(self):
     if self.num_stages not in (3, 4):
@@ -115,7 +126,7 @@ class ResNet(nn.Module):
     for stage, n in enumerate(blocks[:self.num_stages]):
       x = _stage(x, stage, n, self.width_per_group,
                  frozen(self.norm, stage + 1 <= self.frozen_stages), self.norm_eps, self.dtype,
-                 sizes, train, axis_name)
+                 sizes, train, axis_name, self.remat)
       out[f"c{stage + 2}"] = x
     return out
 

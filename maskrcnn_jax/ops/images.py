@@ -1,8 +1,13 @@
 """Image normalization on the device, for batches sent as uint8 (`data.image_dtype='uint8'`)."""
 import jax.numpy as jnp
 
-from maskrcnn_jax.data.preprocess import IMAGE_MEAN, IMAGE_STD
 from maskrcnn_jax.types import Array
+
+# torchvision's ImageNet statistics for RGB in [0, 1]: the pipeline's (`data.transforms`) and
+# inference's (`data.preprocess`); data/ may not import ops/ nor ops/ data/, so the three copies
+# are kept equal by tests/ops/test_images.py.
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
 
 
 def normalize_images(images: Array, image_sizes: Array) -> Array:

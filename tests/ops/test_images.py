@@ -17,6 +17,13 @@ def _reference(images, sizes):
   return out
 
 
+def test_statistics_equal_the_data_sides():
+  from maskrcnn_jax.data import preprocess, transforms
+  from maskrcnn_jax.ops import images
+  assert images.IMAGE_MEAN == preprocess.IMAGE_MEAN == transforms.IMAGE_MEAN == tuple(MEAN)
+  assert images.IMAGE_STD == preprocess.IMAGE_STD == transforms.IMAGE_STD == tuple(STD)
+
+
 def test_normalize_images_equals_float64():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (3, 32, 48, 3), dtype=np.uint8)
@@ -39,6 +46,20 @@ def test_losses_on_uint8_batch_equal_the_float_batch():
   from tests.conftest import quick_variables
   model = build_model(tiny.get_config().model)
   variables = quick_variables(model)
+  batch = _uint8_batch()
+  floats = dict(batch, image=_reference(batch["image"], batch["image_size"]).astype(np.float32))
+  keys = jax.random.split(jax.random.key(0), 2)
+
+  def losses(b):
+    return jax.jit(lambda v, b: model.apply(v, b, keys, method=model.losses))(variables, b)
+
+  got, want = losses(batch), losses(floats)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def _uint8_batch():
+  """A tiny-config training batch (2 images of 128 px, the second 96 x 80) with uint8 images."""
   rng = np.random.default_rng(1)
   xy = rng.uniform(0, 60, (2, 8, 2))
   yy, xx = np.mgrid[:28, :28] / 27 * 2 - 1
@@ -51,12 +72,4 @@ def test_losses_on_uint8_batch_equal_the_float_batch():
                gt_masks=np.tile((xx ** 2 + yy ** 2 <= 1).astype(np.float32), (2, 8, 1, 1)))
   batch["image"][1, 96:] = 0
   batch["image"][1, :, 80:] = 0
-  floats = dict(batch, image=_reference(batch["image"], batch["image_size"]).astype(np.float32))
-  keys = jax.random.split(jax.random.key(0), 2)
-
-  def losses(b):
-    return jax.jit(lambda v, b: model.apply(v, b, keys, method=model.losses))(variables, b)
-
-  got, want = losses(batch), losses(floats)
-  for k in want:
-    np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=k)
+  return batch
