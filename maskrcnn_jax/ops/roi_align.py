@@ -555,9 +555,10 @@ _pool_flat_max_vjp.defvjp(_pool_flat_max_fwd, _pool_flat_max_bwd)
 
 # Window side (pixels of the box's map) of the einsum form's forward: each box reads one
 # EINSUM_WINDOW x EINSUM_WINDOW window (EINSUM_WINDOW row slices of the flat array). A box fits
-# when its sample rows span less than that (with FPN level mapping a box's side on its level is
-# below 28 pixels unless its aspect ratio passes ~5); if any box of the call does not fit, the whole
-# forward takes the gather form instead (`lax.cond`), which is exact for every box.
+# when its sample rows and columns (with their second neighbours) span at most that (with FPN
+# level mapping a box's side on its level is below 28 pixels unless its aspect ratio passes ~5); if
+# any box of the call does not fit, the whole forward takes the gather form instead (`lax.cond`),
+# which is exact for every box.
 EINSUM_WINDOW = 64
 # Bytes of one scan step's largest intermediate in the einsum form, on accelerators.
 _EINSUM_STEP_BYTES = 64 << 20
@@ -630,7 +631,7 @@ def _window_forward(flat: Array, plan: _Plan, size: Tuple[int, int], grid: int, 
 
 
 def _fits_window(plan: _Plan, window: int) -> Array:
-  """Whether every box's sample rows and columns (with their second neighbour) span less than
+  """Whether every box's sample rows and columns (with their second neighbour) span at most
   `window` pixels: scalar bool."""
   span_h = jnp.max(plan.rows, axis=1) - jnp.min(plan.rows, axis=1) + 2
   span_w = jnp.max(plan.cols, axis=1) - jnp.min(plan.cols, axis=1) + 2
