@@ -1,9 +1,11 @@
 """Jitted, bucketed inference on lists of images of any sizes.
 
 Images are normalized and resized on the host exactly as torchvision's transform does
-(`data.preprocess`), padded to a canvas from a small set of shapes (multiples of `bucket`), and run
-through one jitted forward per (canvas, batch size), so a new image size within a bucket never
-recompiles. Results come back in each image's original pixel frame.
+(`data.preprocess`), padded to a canvas from a small set of shapes (multiples of `bucket` on
+accelerators; on CPU, by default, multiples of 32 as torchvision pads), and run through one jitted
+`detect` per (canvas, batch size), so a new image size within a bucket never recompiles, then the
+RoI heads on a power-of-two bucket of detection slots holding the valid detections. Results come
+back in each image's original pixel frame.
 """
 import collections
 import functools
