@@ -67,9 +67,9 @@ def main(argv):
     default_out = paths.join(workdir, "eval", "final" if FLAGS.workdir else f"step_{step}")
   out_dir = paths.resolve(FLAGS.out_dir or default_out)
   try:
-    paths.as_path(out_dir).mkdir(parents=True, exist_ok=True)
-  except Exception as e:  # noqa: BLE001 (OSError locally; the cloud backends raise their own)
-    raise UsageError(f"cannot write to {out_dir!r} ({getattr(e, 'strerror', None) or e}): pass "
+    paths.check_writable(out_dir)
+  except OSError as e:
+    raise UsageError(f"cannot write to {out_dir!r} ({e.strerror or e}): pass "
                      "--out_dir") from None
   inp = config.input
 

@@ -17,9 +17,8 @@ import numpy as np
 from maskrcnn_jax import paths
 from maskrcnn_jax.evaluation import inference
 
-FORMAT = "maskrcnn_jax.serving"  # as written by maskrcnn_jax.export (not imported: it needs flax)
-VERSION = 1
-CONTRACT_FILE = "serving.json"
+# The contract's names (maskrcnn_jax.export imports flax only inside its functions).
+from maskrcnn_jax.export import CONTRACT_FILE, FORMAT, VERSION
 
 
 class Detector:
