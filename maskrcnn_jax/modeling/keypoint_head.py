@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maskrcnn_jax.modeling.layers import Conv
 from maskrcnn_jax.modeling.losses import keypoint_loss
 from maskrcnn_jax.modeling.poolers import RoIPooler
 from maskrcnn_jax.modeling.roi_heads import HeadContext, RoIHead
@@ -68,7 +69,7 @@ class KeypointHead(RoIHead):
   def __call__(self, x: Array) -> Array:
     """x: [N, S, S, C] pooled RoI features -> heatmap logits [N, K, 4S, 4S] float32."""
     for i, ch in enumerate(self.conv_layers):
-      x = nn.relu(nn.Conv(ch, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_CONV_INIT,
+      x = nn.relu(Conv(ch, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_CONV_INIT,
                           dtype=self.dtype, param_dtype=jnp.float32, name=f"kps_fcn{i + 1}")(x))
     x = nn.ConvTranspose(self.num_keypoints, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
                          kernel_init=_DECONV_INIT, dtype=self.dtype, param_dtype=jnp.float32,

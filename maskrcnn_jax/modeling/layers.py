@@ -1,4 +1,5 @@
 """Small building blocks shared by the backbone and heads."""
+import functools
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -6,14 +7,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from maskrcnn_jax.ops.conv import conv_general_dilated
+
 Dtype = Any
+
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+"""`nn.Conv` (same variables, same forward) whose kernel gradient runs as per-tap matmuls on CPU
+(`ops.conv`); every conv of the models is built with it."""
 
 
 def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, use_bias: bool = True,
-         dtype: Dtype = jnp.float32, name: str = None) -> nn.Conv:
+         dtype: Dtype = jnp.float32, name: str = None) -> nn.Module:
   """A torch-style conv: symmetric explicit padding (never 'SAME', which pads stride-2 convs
   asymmetrically and would shift every feature by half a pixel relative to torchvision)."""
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+  return Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)), use_bias=use_bias,
                  dtype=dtype, param_dtype=jnp.float32, name=name)
 

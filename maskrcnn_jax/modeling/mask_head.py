@@ -8,7 +8,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from maskrcnn_jax.modeling.layers import Conv1x1PerLabel, ConvTranspose2x2, Norm, check_norm
+from maskrcnn_jax.modeling.layers import (
+    Conv,
+    Conv1x1PerLabel,
+    ConvTranspose2x2,
+    Norm,
+    check_norm,
+)
 from maskrcnn_jax.modeling.losses import maskrcnn_loss, maskrcnn_softmax_loss
 from maskrcnn_jax.modeling.poolers import RoIPooler
 from maskrcnn_jax.modeling.roi_heads import HeadContext, RoIHead
@@ -165,7 +171,7 @@ class MaskHead(MaskHeadBase):
     Returns mask logits [N, 2S, 2S, mask_channels] float32, or with `labels` [N, 2S, 2S, 1]: each
     RoI's labelled channel only (the 1x1 predictor computes nothing else)."""
     for i, ch in enumerate(self.layers):
-      x = nn.Conv(ch, (3, 3), padding=((self.dilation,) * 2,) * 2,
+      x = Conv(ch, (3, 3), padding=((self.dilation,) * 2,) * 2,
                   kernel_dilation=(self.dilation,) * 2, use_bias=self.norm == "none",
                   dtype=self.dtype, param_dtype=jnp.float32, name=f"mask_fcn{i + 1}")(x)
       x = nn.relu(Norm(self.norm, dtype=self.dtype, name=f"mask_norm{i + 1}")(

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maskrcnn_jax.modeling.layers import Conv
 from maskrcnn_jax.modeling.roi_heads import HeadContext, RoIHead
 from maskrcnn_jax.modeling.samplers import RoISamples
 from maskrcnn_jax.ops.masks import mask_iou_targets
@@ -86,7 +87,7 @@ class MaskIoUHead(RoIHead):
     last = len(self.conv_layers) - 1
     for i, ch in enumerate(self.conv_layers):
       stride = 2 if i == last else 1
-      x = nn.relu(nn.Conv(ch, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
+      x = nn.relu(Conv(ch, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
                           kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32,
                           name=f"maskiou_fcn{i + 1}")(x))
     x = x.reshape((n, -1))  # (h, w, c) order

@@ -1,5 +1,5 @@
 """Pure jax.numpy ops (no flax): boxes, anchors, matching, sampling, NMS, RoIAlign (and RoIWarp,
-RoIPool), masks, keypoints.
+RoIPool), masks, keypoints, and the convolution the models use (`conv_general_dilated`).
 
 The functions are re-exported here, as `torchvision.ops` does: `from maskrcnn_jax.ops import
 roi_align` gives the function. (As in torchvision, `maskrcnn_jax.ops.roi_align`,
@@ -21,6 +21,7 @@ from maskrcnn_jax.ops.boxes import (
     pairwise_iou,
     scale_boxes,
 )
+from maskrcnn_jax.ops.conv import conv_general_dilated
 from maskrcnn_jax.ops.keypoints import heatmaps_to_keypoints, keypoints_to_heatmap
 from maskrcnn_jax.ops.masks import paste_masks, project_mask_crops, select_class_channel
 from maskrcnn_jax.ops.matching import MatchLabel, crowd_overlap, match_boxes
@@ -39,7 +40,8 @@ from maskrcnn_jax.ops.sampling import sample_balanced, sample_indices
 
 __all__ = [
     "MatchLabel", "batched_nms", "box_area", "box_sizes_at_least", "cell_anchors", "clip_boxes",
-    "crowd_overlap", "decode_boxes", "encode_boxes", "feature_grid_size", "grid_anchors",
+    "conv_general_dilated", "crowd_overlap", "decode_boxes", "encode_boxes", "feature_grid_size",
+    "grid_anchors",
     "heatmaps_to_keypoints", "keypoints_to_heatmap",
     "map_roi_levels", "match_boxes", "multilevel_anchors", "multilevel_roi_align",
     "multilevel_roi_align_batched", "multilevel_roi_pool_batched", "multilevel_roi_warp_batched",
