@@ -385,8 +385,9 @@ def report(args, info, ours, tv, total) -> None:
           + " ".join(f"{t:.2f}" for t in tv["times"]))
   for side, r in (("ours", ours), ("torchvision", tv)):
     if r:
-      print(f"{side} foreground RoIs per image (mask-head batch; ours always computes "
-            f"{MASK_ROIS} slots): " + " ".join(f"{x:.0f}" for x in r["fg_rois"]))
+      print(f"{side} foreground RoIs per image (the mask-head batch; ours runs the smallest "
+            f"of mask_head.train_buckets or {MASK_ROIS} slots holding them): "
+            + " ".join(f"{x:.0f}" for x in r["fg_rois"]))
   for side, r in (("ours", ours), ("torchvision", tv)):
     if r:
       print(f"{side} losses, first step: " + ", ".join(

@@ -371,7 +371,7 @@ def torchvision_model_config(depth: int = 50, num_classes: int = 91, version: in
   m.mask_pooler = dict(pooler, output_size=14)
   m.mask_head = dict(type="fcn" if mask else OFF, layers=(256, 256, 256, 256), dilation=1,
                      norm="bn" if v2 else "none", deconv_channels=0, class_agnostic=False,
-                     loss="sigmoid", mlp_layers=(1024, 1024))
+                     loss="sigmoid", mlp_layers=(1024, 1024), train_buckets=(32, 64))
   m.mask_sampler = dict(num_rois=128)
   m.mask_head.num_rois = m.mask_sampler.get_ref("num_rois")  # the alias, kept in step
   m.mask_iou_head = dict(type=OFF, conv_layers=(256, 256, 256, 256), fc_layers=(1024, 1024))
