@@ -187,6 +187,11 @@ def main(argv):
                           torchvision_weights=flags.torchvision_weights)
   except sources.SourceError as e:
     fail(str(e))
+  from maskrcnn_jax import paths
+  try:  # before the minutes of lowering, not after
+    paths.check_writable(flags.out)
+  except OSError as e:
+    fail(f"cannot write to --out {flags.out!r} ({e.strerror or e})")
   source = flags.workdir or flags.checkpoint or flags.torchvision_weights
   description = f"config {flags['config'].config_filename}, weights {source}"
   if loaded.step is not None:

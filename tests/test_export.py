@@ -158,3 +158,16 @@ def test_cli_errors_are_one_line(tmp_path):
                      timeout=300)
   assert r.returncode == 2 and "multiples of 32" in r.stderr and "Traceback" not in r.stderr
   assert not os.path.exists(tmp_path / "o")
+
+
+def test_cli_unwritable_out_is_one_line(exported, tmp_path):
+  """A loadable checkpoint (the fixture's workdir) and an --out under a regular file: one line,
+  before any lowering."""
+  work = exported[2].parent
+  (tmp_path / "a_file").write_text("")
+  r = subprocess.run([sys.executable, "-m", "maskrcnn_jax.export", "--config", "configs/tiny.py",
+                      "--workdir", str(work), "--out", str(tmp_path / "a_file" / "o")],
+                     cwd=common.REPO, env=common.env(), capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 2 and "cannot write to --out" in r.stderr, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
