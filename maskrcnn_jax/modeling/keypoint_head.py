@@ -70,7 +70,7 @@ class KeypointHead(RoIHead):
     """x: [N, S, S, C] pooled RoI features -> heatmap logits [N, K, 4S, 4S] float32."""
     for i, ch in enumerate(self.conv_layers):
       x = nn.relu(Conv(ch, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_CONV_INIT,
-                          dtype=self.dtype, param_dtype=jnp.float32, name=f"kps_fcn{i + 1}")(x))
+                       dtype=self.dtype, param_dtype=jnp.float32, name=f"kps_fcn{i + 1}")(x))
     x = nn.ConvTranspose(self.num_keypoints, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
                          kernel_init=_DECONV_INIT, dtype=self.dtype, param_dtype=jnp.float32,
                          name="kps_score_lowres")(x)

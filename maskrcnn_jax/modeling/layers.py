@@ -21,8 +21,8 @@ def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, use_bias
   """A torch-style conv: symmetric explicit padding (never 'SAME', which pads stride-2 convs
   asymmetrically and would shift every feature by half a pixel relative to torchvision)."""
   return Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((padding, padding), (padding, padding)), use_bias=use_bias,
-                 dtype=dtype, param_dtype=jnp.float32, name=name)
+              padding=((padding, padding), (padding, padding)), use_bias=use_bias,
+              dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 class Conv1x1PerLabel(nn.Module):

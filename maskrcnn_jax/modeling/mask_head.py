@@ -54,8 +54,9 @@ class MaskHeadBase(RoIHead):
   """`mask_head.train_buckets`: in training, the head runs on the smallest of these slot counts per
   image (or on all `mask_sampler.num_rois` slots) that holds every image's foreground RoIs, picked
   on the device (`nn.switch`, no host sync); the loss, gradients and batch statistics equal the
-  full-size form's. CPU and GPU programs only: TPU programs always run all slots (static shapes,
-  no conditional). () = always all slots. Off for C4 models (the res5 trunk is not this head's)."""
+  full-size form's. CPU and GPU programs only: TPU programs get a constant index (all slots:
+  static shapes; XLA folds the conditional). () = always all slots. Off for C4 models (the res5
+  trunk is not this head's)."""
 
   def __post_init__(self):
     if (not isinstance(self.train_buckets, (tuple, list))
@@ -204,8 +205,8 @@ class MaskHead(MaskHeadBase):
     RoI's labelled channel only (the 1x1 predictor computes nothing else)."""
     for i, ch in enumerate(self.layers):
       x = Conv(ch, (3, 3), padding=((self.dilation,) * 2,) * 2,
-                  kernel_dilation=(self.dilation,) * 2, use_bias=self.norm == "none",
-                  dtype=self.dtype, param_dtype=jnp.float32, name=f"mask_fcn{i + 1}")(x)
+               kernel_dilation=(self.dilation,) * 2, use_bias=self.norm == "none",
+               dtype=self.dtype, param_dtype=jnp.float32, name=f"mask_fcn{i + 1}")(x)
       x = nn.relu(Norm(self.norm, dtype=self.dtype, name=f"mask_norm{i + 1}")(
           x, train, axis_name, mask))
     width = self.deconv_channels or self.layers[-1]

@@ -88,8 +88,8 @@ class MaskIoUHead(RoIHead):
     for i, ch in enumerate(self.conv_layers):
       stride = 2 if i == last else 1
       x = nn.relu(Conv(ch, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
-                          kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32,
-                          name=f"maskiou_fcn{i + 1}")(x))
+                       kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32,
+                       name=f"maskiou_fcn{i + 1}")(x))
     x = x.reshape((n, -1))  # (h, w, c) order
     fc_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")  # kaiming_uniform_(a=1)
     for j, width in enumerate(self.fc_layers):
