@@ -377,7 +377,7 @@ def torchvision_model_config(depth: int = 50, num_classes: int = 91, version: in
   m.mask_iou_head = dict(type=OFF, conv_layers=(256, 256, 256, 256), fc_layers=(1024, 1024))
   m.keypoint_pooler = dict(pooler, output_size=14)
   m.keypoint_head = dict(type="rcnn" if keypoints else OFF, num_keypoints=int(keypoints) or 17,
-                         conv_layers=(512,) * 8)
+                         conv_layers=(512,) * 8, train_buckets=(32, 64))
   m.keypoint_sampler = dict(num_rois=128)
   return m
 

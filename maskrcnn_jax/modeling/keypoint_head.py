@@ -7,7 +7,7 @@ cross-entropy over its cells against the cell of the ground-truth point
 (`ops.keypoints.keypoints_to_heatmap`, `losses.keypoint_loss`); inference resizes each RoI's
 heatmaps to its box's size (bicubic) and takes the argmax (`ops.keypoints.heatmaps_to_keypoints`).
 """
-from typing import Any, Dict, Mapping, Sequence
+from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -16,7 +16,12 @@ import jax.numpy as jnp
 from maskrcnn_jax.modeling.layers import Conv
 from maskrcnn_jax.modeling.losses import keypoint_loss
 from maskrcnn_jax.modeling.poolers import RoIPooler
-from maskrcnn_jax.modeling.roi_heads import HeadContext, RoIHead
+from maskrcnn_jax.modeling.roi_heads import (
+    HeadContext,
+    RoIHead,
+    check_train_buckets,
+    loss_on_slot_bucket,
+)
 from maskrcnn_jax.modeling.samplers import RoISamples
 from maskrcnn_jax.ops.keypoints import (
     heatmaps_to_keypoints,
@@ -55,8 +60,14 @@ class KeypointHead(RoIHead):
   conv_layers: Sequence[int] = (512,) * 8
   """Channels of the 3x3 convs (torchvision: eight of 512; a slimmer head trains faster)."""
   dtype: Any = jnp.float32
+  train_buckets: Tuple[int, ...] = (32, 64)
+  """`keypoint_head.train_buckets`: in training, the head runs on the smallest of these slot counts
+  per image (or on all `keypoint_sampler.num_rois` slots) that holds every image's foreground RoIs
+  (`roi_heads.loss_on_slot_bucket`: picked on the device, equal results; TPU programs always run
+  all slots). () = always all slots."""
 
   def __post_init__(self):
+    check_train_buckets(self.train_buckets, "keypoint_head")
     if not isinstance(self.num_keypoints, int) or self.num_keypoints < 1:
       raise ValueError(f"keypoint_head.num_keypoints must be an int >= 1, got "
                        f"{self.num_keypoints!r}")
@@ -109,6 +120,10 @@ class KeypointHead(RoIHead):
     if gt.ndim != 4 or gt.shape[-2:] != (self.num_keypoints, 3):
       raise ValueError(f"gt_keypoints must be [B, M, {self.num_keypoints}, 3] (x, y, v) for "
                        f"keypoint_head.num_keypoints={self.num_keypoints}; got {gt.shape}")
+    return loss_on_slot_bucket(self, ctx, samples, self.train_buckets,
+                               lambda mdl, s: mdl._loss_on(ctx, s, gt))
+
+  def _loss_on(self, ctx: HeadContext, samples: RoISamples, gt: Array) -> Dict[str, Array]:
     maps = self._heatmaps(ctx, samples.rois)
     points = jnp.take_along_axis(gt.astype(jnp.float32), samples.gt_index[:, :, None, None],
                                  axis=1)  # [B, P, K, 3]

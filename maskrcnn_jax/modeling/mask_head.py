@@ -7,7 +7,6 @@ from typing import Any, Dict, Mapping, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from maskrcnn_jax.modeling.layers import (
     Conv,
@@ -18,7 +17,12 @@ from maskrcnn_jax.modeling.layers import (
 )
 from maskrcnn_jax.modeling.losses import maskrcnn_loss, maskrcnn_softmax_loss
 from maskrcnn_jax.modeling.poolers import RoIPooler
-from maskrcnn_jax.modeling.roi_heads import HeadContext, RoIHead
+from maskrcnn_jax.modeling.roi_heads import (
+    HeadContext,
+    RoIHead,
+    check_train_buckets,
+    loss_on_slot_bucket,
+)
 from maskrcnn_jax.modeling.samplers import RoISamples
 from maskrcnn_jax.ops.masks import project_mask_crops, select_class_channel
 from maskrcnn_jax.types import Array
@@ -52,18 +56,12 @@ class MaskHeadBase(RoIHead):
   dtype: Any = jnp.float32
   train_buckets: Tuple[int, ...] = (32, 64)
   """`mask_head.train_buckets`: in training, the head runs on the smallest of these slot counts per
-  image (or on all `mask_sampler.num_rois` slots) that holds every image's foreground RoIs, picked
-  on the device (`nn.switch`, no host sync); the loss, gradients and batch statistics equal the
-  full-size form's. CPU and GPU programs only: TPU programs get a constant index (all slots:
-  static shapes; XLA folds the conditional). () = always all slots. Off for C4 models (the res5
-  trunk is not this head's)."""
+  image (or on all `mask_sampler.num_rois` slots) that holds every image's foreground RoIs
+  (`roi_heads.loss_on_slot_bucket`: picked on the device, equal results; TPU programs always run
+  all slots). () = always all slots."""
 
   def __post_init__(self):
-    if (not isinstance(self.train_buckets, (tuple, list))
-        or any(not isinstance(n, int) or isinstance(n, bool) or n < 1
-               for n in self.train_buckets)):
-      raise ValueError("mask_head.train_buckets must be a tuple of slot counts >= 1, got "
-                       f"{self.train_buckets!r}")
+    check_train_buckets(self.train_buckets, "mask_head")
     if self.loss_type not in MASK_LOSSES:
       raise ValueError(f"mask_head.loss must be one of {MASK_LOSSES}, got {self.loss_type!r}")
     if not isinstance(self.class_agnostic, bool):
@@ -134,25 +132,11 @@ class MaskHeadBase(RoIHead):
     `predict`) and mask_targets [B, P, 2S, 2S]."""
     if batch.get("gt_masks") is None:
       raise ValueError("a model with a mask head needs gt_masks to train")
-    slots = samples.rois.shape[1]
-    sizes = sorted({n for n in self.train_buckets if n < slots}) + [slots]
-    if len(sizes) == 1 or ctx.trunk is not None:
-      return self._loss_on_slots(ctx, samples, batch, slots)
-    # Foreground RoIs come first in each image's slots (`ForegroundSampler`), so the first n slots
-    # hold them all when n >= the largest foreground count.
-    count = jnp.max(jnp.sum(samples.valid.astype(jnp.int32), axis=1))
-    index = lax.platform_dependent(
-        count, tpu=lambda c: jnp.int32(len(sizes) - 1),
-        default=lambda c: jnp.searchsorted(jnp.asarray(sizes, jnp.int32), c).astype(jnp.int32))
-    branches = [lambda mdl, n=n: mdl._loss_on_slots(ctx, samples, batch, n) for n in sizes]
-    return nn.switch(index, branches, self)
+    return loss_on_slot_bucket(self, ctx, samples, self.train_buckets,
+                               lambda mdl, s: mdl._loss_on(ctx, s, batch))
 
-  def _loss_on_slots(self, ctx: HeadContext, samples: RoISamples, batch: Mapping[str, Array],
-                     n: int) -> Dict[str, Array]:
-    """`loss` on the first n slots of each image (all foreground RoIs among them); the per-slot
-    outputs come back zero-padded to all slots."""
-    slots = samples.rois.shape[1]
-    samples = RoISamples(*(x[:, :n] for x in samples))
+  def _loss_on(self, ctx: HeadContext, samples: RoISamples,
+               batch: Mapping[str, Array]) -> Dict[str, Array]:
     pooled, logits = self._logits(ctx, samples.rois, samples.valid, samples.classes)
     targets = jax.vmap(project_mask_crops, in_axes=(0, 0, 0, 0, None))(
         batch["gt_masks"], batch["gt_boxes"].astype(jnp.float32), samples.gt_index, samples.rois,
@@ -160,9 +144,8 @@ class MaskHeadBase(RoIHead):
     loss_fn = maskrcnn_loss if self.loss_type == "sigmoid" else maskrcnn_softmax_loss
     per_image = jax.vmap(loss_fn)(logits, self._channel(samples.classes), targets, samples.valid)
     picked = self.class_logits(logits, samples.classes)
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, slots - n)] + [(0, 0)] * (x.ndim - 2))
-    return dict(loss_mask=jnp.mean(per_image), mask_features=pad(pooled), mask_logits=pad(picked),
-                mask_probs=pad(jax.nn.sigmoid(picked)), mask_targets=pad(targets))
+    return dict(loss_mask=jnp.mean(per_image), mask_features=pooled, mask_logits=picked,
+                mask_probs=jax.nn.sigmoid(picked), mask_targets=targets)
 
 
 class MaskHead(MaskHeadBase):

@@ -11,9 +11,11 @@ from typing import Any, Callable, ClassVar, Dict, Mapping, NamedTuple, Optional,
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from maskrcnn_jax.modeling.layers import Norm, check_norm, conv
 from maskrcnn_jax.modeling.poolers import RoIPooler
+from maskrcnn_jax.modeling.samplers import RoISamples
 from maskrcnn_jax.ops import boxes as box_ops
 from maskrcnn_jax.ops.nms import batched_nms
 from maskrcnn_jax.types import Array
@@ -88,6 +90,47 @@ class RoIHead(nn.Module):
   eval_task: ClassVar[Optional[str]] = None
   """The COCO evaluation its predictions feed (e.g. 'segm'; one of
   `evaluation.coco_eval.IOU_TYPES`), or None."""
+
+
+def check_train_buckets(buckets, section: str) -> None:
+  """Raises ValueError unless `buckets` (`<section>.train_buckets`) is a tuple of ints >= 1."""
+  if (not isinstance(buckets, (tuple, list))
+      or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in buckets)):
+    raise ValueError(f"{section}.train_buckets must be a tuple of slot counts >= 1, got "
+                     f"{buckets!r}")
+
+
+def loss_on_slot_bucket(head: nn.Module, ctx: HeadContext, samples: RoISamples,
+                        buckets: Sequence[int],
+                        run: Callable[[nn.Module, RoISamples], Dict[str, Array]]
+                        ) -> Dict[str, Array]:
+  """A foreground head's training pass on the first n slots of each image's samples, n the
+  smallest of `buckets` (or all slots) that holds every image's valid RoIs; picked on the device
+  (`nn.switch`, no host sync). Valid RoIs must come first in the slots (`ForegroundSampler`'s
+  order), so the result equals `run` on all slots: losses, gradients and batch statistics (norms
+  that count only valid RoIs).
+
+  samples: [B, R] each; run(head, samples [B, n]) -> dict of scalars and per-slot arrays
+  [B, n, ...], the latter zero-padded here to [B, R, ...]. TPU programs get a constant index (all
+  slots: static shapes; XLA folds the conditional); C4 models (a shared trunk outside the head)
+  always run all slots.
+  """
+  slots = samples.rois.shape[1]
+  sizes = sorted({int(n) for n in buckets if n < slots}) + [slots]
+
+  def on(mdl, n):
+    out = run(mdl, RoISamples(*(x[:, :n] for x in samples)))
+    pad = lambda x: (jnp.pad(x, [(0, 0), (0, slots - n)] + [(0, 0)] * (x.ndim - 2))
+                     if x.ndim >= 2 and x.shape[1] == n else x)
+    return {k: pad(v) for k, v in out.items()}
+
+  if len(sizes) == 1 or ctx.trunk is not None:
+    return on(head, slots)
+  count = jnp.max(jnp.sum(samples.valid.astype(jnp.int32), axis=1))
+  index = lax.platform_dependent(
+      count, tpu=lambda c: jnp.int32(len(sizes) - 1),
+      default=lambda c: jnp.searchsorted(jnp.asarray(sizes, jnp.int32), c).astype(jnp.int32))
+  return nn.switch(index, [lambda mdl, n=n: on(mdl, n) for n in sizes], head)
 
 
 BOX_HEAD_TYPES = ("conv_fc",)

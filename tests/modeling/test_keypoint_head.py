@@ -111,3 +111,16 @@ def test_model_predicts_points_inside_their_boxes(tiny_model):
   assert (kp[..., 0] >= boxes[:, None, 0]).all() and (kp[..., 0] <= boxes[:, None, 2] + 1).all()
   assert (kp[..., 1] >= boxes[:, None, 1]).all() and (kp[..., 1] <= boxes[:, None, 3] + 1).all()
   assert (out["keypoints"][~valid] == 0).all() and (out["keypoints_scores"][~valid] == 0).all()
+
+
+def test_slot_bucket_equals_all_slots(tiny_model):
+  """`keypoint_head.train_buckets` (the shared `roi_heads.loss_on_slot_bucket`): the head's loss and
+  its gradients on the smallest bucket holding the foreground RoIs equal the all-slots form's."""
+  model, variables = tiny_model
+  full = build_model(_config(train_buckets=()))
+  batch = _batch()
+  (g_bucket, l_bucket), (g_full, l_full) = (_losses(m, variables, batch) for m in (model, full))
+  assert 0 < float(l_full["num_fg_rois"]) < 32
+  np.testing.assert_allclose(l_bucket["loss_keypoint"], l_full["loss_keypoint"], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_bucket), jax.tree.leaves(g_full)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
