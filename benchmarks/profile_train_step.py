@@ -10,29 +10,31 @@ Times are best of `--runs` after a compile, `block_until_ready`, in this process
 """
 import argparse
 import os
-import time
+import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax import lax
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 
-from maskrcnn_jax.modeling.losses import maskrcnn_loss
-from maskrcnn_jax.modeling.mask_head import MaskHead
-from maskrcnn_jax.ops.conv import conv_general_dilated
+_common.add_repo_to_path()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+from maskrcnn_jax.modeling.losses import maskrcnn_loss  # noqa: E402
+from maskrcnn_jax.modeling.mask_head import MaskHead  # noqa: E402
+from maskrcnn_jax.ops.conv import conv_general_dilated  # noqa: E402
 
 NUM_CLASSES = 91
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def best_of(fn, args, runs):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(runs):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return min(times)
+  """Best wall time of `runs` calls of fn(*args) after a compiling call."""
+  call = lambda: jax.block_until_ready(fn(*args))
+  call()
+  return min(_common.timed(call) for _ in range(runs))
 
 
 def mask_head_seconds(slots: int, runs: int) -> float:
@@ -81,7 +83,7 @@ def main():
                  help="mask-head batch sizes: ours (2 x 128) and torchvision's foreground count")
   p.add_argument("--runs", type=int, default=3)
   args = p.parse_args()
-  print(f"jax {jax.__version__}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+  print(f"jax {jax.__version__}, {_common.load_average()}")
   fwd, xla, taps = kernel_grad_seconds(args.runs)
   print(f"3x3 conv 256->256 on 256 x 14x14: forward {fwd:.3f} s, kernel gradient XLA form "
         f"{xla:.3f} s, per-tap matmuls {taps:.3f} s ({xla / taps:.1f}x faster)")
