@@ -32,7 +32,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import app, flags
 
@@ -200,18 +200,29 @@ def _add_time(rdir: str, key: str, seconds: float) -> None:
   _write_json(path, info)
 
 
-def _subprocess(cmd: Sequence[str], log: str) -> float:
-  """Runs cmd from the checkout with output to `log`; returns seconds; raises on failure."""
-  start = time.time()
+def _subprocess(cmd: Sequence[str], log: str, add_seconds: Callable[[float], None],
+                every: float = 30.0) -> None:
+  """Runs cmd from the checkout with output to `log`; raises on failure. Its wall time goes to
+  `add_seconds` as it passes (every `every` seconds and at the end), so a run whose runner is
+  killed (a sitting that ends) keeps the time it had trained, less at most `every` seconds."""
   with open(log, "a") as f:
     f.write(f"\n$ {' '.join(cmd)}\n")
     f.flush()
-    rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    last = time.time()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    while True:
+      try:
+        rc = proc.wait(timeout=every)
+        break
+      except subprocess.TimeoutExpired:
+        now = time.time()
+        add_seconds(now - last)
+        last = now
+    add_seconds(time.time() - last)
   if rc != 0:
     with open(log) as f:
       tail = "".join(f.readlines()[-15:])
     raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {rc}); the end of {log}:\n{tail}")
-  return time.time() - start
 
 
 def train_and_evaluate(row: Row, seed: int, workdir: str, overrides: Sequence[str]) -> Dict:
@@ -221,16 +232,14 @@ def train_and_evaluate(row: Row, seed: int, workdir: str, overrides: Sequence[st
   cfg = ["--config", config_path(row)]
   sets = [f"--config.training.seed={seed}", f"--config.data.seed={seed}"] + [
       f"--config.{o}" for o in overrides]
-  _add_time(rdir, "train_s", _subprocess(
-      [sys.executable, "train.py", *cfg, "--workdir", rdir, *sets],
-      os.path.join(rdir, "train.log")))
+  _subprocess([sys.executable, "train.py", *cfg, "--workdir", rdir, *sets],
+              os.path.join(rdir, "train.log"), lambda s: _add_time(rdir, "train_s", s))
   step, steps = _last_checkpoint(rdir), _trained_steps(rdir)
   if step < steps:  # train.py saves and exits 0 when stopped (SIGTERM): not finished
     raise RuntimeError(f"training stopped at step {step} of {steps} (interrupted?); rerun to "
                        "resume it")
-  _add_time(rdir, "eval_s", _subprocess(
-      [sys.executable, "eval.py", *cfg, "--workdir", rdir, "--num_pictures", "0", *sets],
-      os.path.join(rdir, "eval.log")))
+  _subprocess([sys.executable, "eval.py", *cfg, "--workdir", rdir, "--num_pictures", "0", *sets],
+              os.path.join(rdir, "eval.log"), lambda s: _add_time(rdir, "eval_s", s))
   with open(metrics_path(rdir)) as f:
     return json.load(f)
 

@@ -44,8 +44,9 @@ def _fake_runs(monkeypatch, aps, stop_at=None):
   `aps[config]`."""
   calls = []
 
-  def fake(cmd, log):
+  def fake(cmd, log, add_seconds):
     calls.append(cmd)
+    add_seconds(60.0)
     rdir = cmd[cmd.index("--workdir") + 1]
     config = os.path.basename(os.path.dirname(rdir))
     if cmd[1] == "train.py":
@@ -59,7 +60,6 @@ def _fake_runs(monkeypatch, aps, stop_at=None):
       with open(ablate.metrics_path(rdir), "w") as f:
         json.dump({"segm": {"AP": ap, "AP50": ap + 0.2, "AP75": ap},
                    "bbox": {"AP": ap + 0.05, "AP50": 0.9, "AP75": 0.8}}, f)
-    return 60.0
   monkeypatch.setattr(ablate, "_subprocess", fake)
   return calls
 
@@ -160,3 +160,20 @@ def test_interrupted_and_single_seed_runs(tmp_path, monkeypatch, capsys, flags):
 def test_unknown_table():
   with pytest.raises(app.UsageError, match="unknown"):
     ablate.tables_from_flag("2d")
+
+
+def test_subprocess_counts_time_as_it_passes(tmp_path):
+  """A run's wall time reaches its counter while it runs (a runner killed mid-run keeps it), the
+  ticks add up to the run's wall time, and a failing command raises with the end of its log."""
+  import sys
+  import time
+  ticks = []
+  start = time.time()
+  ablate._subprocess([sys.executable, "-c", "import time; print('hi'); time.sleep(1.0)"],
+                     str(tmp_path / "log"), ticks.append, every=0.2)
+  wall = time.time() - start
+  assert len(ticks) >= 3 and 1.0 <= sum(ticks) <= wall
+  assert "hi" in (tmp_path / "log").read_text()
+  with pytest.raises(RuntimeError, match=r"(?s)failed \(exit 3\).*boom"):
+    ablate._subprocess([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
+                       str(tmp_path / "log2"), ticks.append)
