@@ -1,0 +1,6 @@
+"""Table 2c: the RoI layer warp (reduce max) for boxes and masks, R50-FPN (paper, R50-C4: 27.2)."""
+from configs.ablations import common
+
+
+def get_config():
+  return common.roi_layer("warp", "max", "fpn")
