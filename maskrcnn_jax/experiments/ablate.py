@@ -58,26 +58,32 @@ class Table:
   rows: Tuple[Row, ...]
 
 
+def _tables_2b_2c(model: str) -> Dict[str, Table]:
+  """Tables 2b and 2c on `model` "c4" (R50-C4, the paper's) or "fpn" (R50-FPN); the paper's
+  figures are R50-C4's either way."""
+  note = "R50-C4, the paper's backbone" if model == "c4" else "R50-FPN; the paper's figures: R50-C4"
+  suffix = "-c4" if model == "c4" else ""
+  base = f"r50_{model}"
+  return {
+      "2b" + suffix: Table(f"Table 2b, mask loss ({note})", (
+          Row("softmax over classes", f"{model}_softmax", 24.8),
+          Row("class-agnostic sigmoid", f"{model}_agnostic", 29.7),
+          Row("per-class sigmoid", base, 30.3))),
+      "2c" + suffix: Table(f"Table 2c, RoI layer ({note})", (
+          Row("RoIPool (max)", f"{model}_roipool", 26.9),
+          Row("RoIWarp max", f"{model}_roiwarp_max", 27.2),
+          Row("RoIWarp ave", f"{model}_roiwarp_ave", 27.1),
+          Row("RoIAlign max", f"{model}_roialign_max", 30.2),
+          Row("RoIAlign ave", base, 30.3))),
+  }
+
+
 TABLES: Dict[str, Table] = {
     "2a": Table("Table 2a, backbone", (
         Row("R50-C4", "r50_c4", 30.3), Row("R101-C4", "r101_c4", 32.7),
         Row("R50-FPN", "r50_fpn", 33.6), Row("R101-FPN", "r101_fpn", 35.4))),
-    "2b": Table("Table 2b, mask loss (R50-FPN; the paper's figures are R50-C4's)", (
-        Row("softmax over classes", "fpn_softmax", 24.8),
-        Row("class-agnostic sigmoid", "fpn_agnostic", 29.7),
-        Row("per-class sigmoid", "r50_fpn", 30.3))),
-    "2c": Table("Table 2c, RoI layer (R50-FPN; the paper's figures are R50-C4's)", (
-        Row("RoIPool (max)", "fpn_roipool", 26.9), Row("RoIWarp max", "fpn_roiwarp_max", 27.2),
-        Row("RoIWarp ave", "fpn_roiwarp_ave", 27.1), Row("RoIAlign max", "fpn_roialign_max", 30.2),
-        Row("RoIAlign ave", "r50_fpn", 30.3))),
-    "2b-c4": Table("Table 2b, mask loss (R50-C4, the paper's backbone)", (
-        Row("softmax over classes", "c4_softmax", 24.8),
-        Row("class-agnostic sigmoid", "c4_agnostic", 29.7),
-        Row("per-class sigmoid", "r50_c4", 30.3))),
-    "2c-c4": Table("Table 2c, RoI layer (R50-C4, the paper's backbone)", (
-        Row("RoIPool (max)", "c4_roipool", 26.9), Row("RoIWarp max", "c4_roiwarp_max", 27.2),
-        Row("RoIWarp ave", "c4_roiwarp_ave", 27.1), Row("RoIAlign max", "c4_roialign_max", 30.2),
-        Row("RoIAlign ave", "r50_c4", 30.3))),
+    **_tables_2b_2c("fpn"),
+    **_tables_2b_2c("c4"),
     "2e": Table("Table 2e, mask head (R50-FPN)", (
         Row("MLP fc 1024-1024", "fpn_mlp2", 31.5), Row("MLP fc 1024-1024-1024", "fpn_mlp3", 31.5),
         Row("FCN", "r50_fpn", 33.6))),
