@@ -326,8 +326,8 @@ def load_record(record_dir: str, settings: Dict) -> Optional[Dict]:
 
 
 def load_run(workdir: str, config: str, seed: int) -> Optional[Dict]:
-  """A finished run's {metrics, train_s, eval_s}, from the workdir or else from --record_dir;
-  None if neither has it."""
+  """A finished run's {metrics, train_s, eval_s, commit}, from the workdir or else from
+  --record_dir; None if neither has it."""
   rdir = run_dir(workdir, config, seed)
   try:
     with open(metrics_path(rdir)) as f:
@@ -338,8 +338,9 @@ def load_run(workdir: str, config: str, seed: int) -> Optional[Dict]:
     rec = load_record(FLAGS.record_dir, dict(config=config, seed=seed,
                                              overrides=list(FLAGS.override)))
     return None if rec is None else dict(metrics=rec["metrics"], train_s=rec["train_s"],
-                                         eval_s=rec["eval_s"])
-  return dict(metrics=metrics, train_s=info.get("train_s", 0.0), eval_s=info.get("eval_s", 0.0))
+                                         eval_s=rec["eval_s"], commit=rec.get("commit"))
+  return dict(metrics=metrics, train_s=info.get("train_s", 0.0), eval_s=info.get("eval_s", 0.0),
+              commit=info.get("commit"))
 
 
 def _value(metrics: Dict, task: str, key: str) -> Optional[float]:
@@ -348,9 +349,9 @@ def _value(metrics: Dict, task: str, key: str) -> Optional[float]:
 
 
 def row_summary(workdir: str, row: Row, seeds: int) -> Dict:
-  """{seeds_done, per metric (mean, spread, values), minutes per run}."""
+  """{seeds_done, per metric (mean, spread, values), minutes per run, commits trained at}."""
   runs = [r for r in (load_run(workdir, row.config, s) for s in range(seeds)) if r]
-  out = dict(row=row, done=len(runs))
+  out = dict(row=row, done=len(runs), commits={r.get("commit") or "unknown" for r in runs})
   for task, key in METRICS:
     vals = [v for v in (_value(r["metrics"], task, key) for r in runs) if v is not None]
     out[f"{task}/{key}"] = ((sum(vals) / len(vals), max(vals) - min(vals), vals) if vals
@@ -397,6 +398,13 @@ def format_table(name: str, table: Table, summaries: List[Dict], seeds: int) -> 
             "Ordering of the paper, pair by pair (by paper mask AP):"]
   ranked = sorted(summaries, key=lambda s: s["row"].paper)
   lines += [f"- {compare(a, b)}" for a, b in zip(ranked, ranked[1:])]
+  commits = sorted(set().union(*(s["commits"] for s in summaries)))
+  if len(commits) > 1:
+    lines += ["", f"Warning: the runs were trained at {len(commits)} commits ("
+              + ", ".join(c[:7] for c in commits) + "): a difference between rows may come "
+              "from the code as well as from the switch."]
+  elif commits:
+    lines += ["", f"Every run trained at commit {commits[0][:7]}."]
   return "\n".join(lines) + "\n"
 
 

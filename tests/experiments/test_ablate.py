@@ -93,6 +93,14 @@ def test_runner_resumes_shares_rows_and_reports(tmp_path, monkeypatch, capsys, f
   assert "FCN - MLP fc 1024-1024-1024: +1.0 (spread 10.0): tie (difference within" in table_2e
   assert "equal in the paper; a tie here" in table_2e
   assert (tmp_path / "table_ms.png").exists()
+  assert "Every run trained at commit" in table
+  run_json = tmp_path / "fpn_maskiou" / "seed_1" / "run.json"  # one run from another commit
+  run_json.write_text(json.dumps(dict(json.loads(run_json.read_text()), commit="deadbeef" * 5)))
+  flags(report_only=True)
+  ablate.main(["ablate"])
+  assert "trained at 2 commits (" in (tmp_path / "table_ms.md").read_text()
+  assert "deadbee" in (tmp_path / "table_ms.md").read_text()
+  flags(report_only=False)
   flags(override=["training.steps=10"])
   with pytest.raises(app.UsageError, match="overrides differ"):
     ablate.main(["ablate"])
