@@ -9,9 +9,10 @@ the box predictor, one deconvolution to 14 x 14 masks). "R50" / "R101" here are 
 one-block-per-stage ResNet and the same with four blocks in the third stage (where R101 differs
 from R50), not the full-size networks.
 
-The C4 model trains ~13x slower than the FPN one on 2 CPU cores (0.25 vs 3.3 steps/s: the res5
-head runs on every sampled RoI), so Tables 2b and 2c also have FPN forms (`fpn_*` rows, the
-runner's tables "2b" and "2c"); their C4 forms, the paper's, are the tables "2b-c4" and "2c-c4".
+The C4 model trained ~13x slower than the FPN one on 2 CPU cores (0.25 vs 3.3 steps/s at
+5f8db58: the res5 head runs on every sampled RoI), so Tables 2b and 2c also have FPN forms
+(`fpn_*` rows, the runner's tables "2b" and "2c"); their C4 forms, the paper's, are the tables
+"2b-c4" and "2c-c4".
 """
 from configs import shapes
 

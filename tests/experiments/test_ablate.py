@@ -185,3 +185,19 @@ def test_subprocess_counts_time_as_it_passes(tmp_path):
   with pytest.raises(RuntimeError, match=r"(?s)failed \(exit 3\).*boom"):
     ablate._subprocess([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
                        str(tmp_path / "log2"), ticks.append)
+
+
+def test_subprocess_stops_its_command_when_interrupted(tmp_path):
+  """An exception in the runner (Ctrl-C, here from the time counter) sends the command SIGTERM
+  (train.py then saves its step) instead of leaving it running."""
+  import sys
+
+  def interrupted(_):
+    raise KeyboardInterrupt
+  pid_file = tmp_path / "pid"
+  with pytest.raises(KeyboardInterrupt):
+    ablate._subprocess([sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w')"
+                        ".write(str(os.getpid())); time.sleep(60)"],
+                       str(tmp_path / "log"), interrupted, every=0.5)
+  with pytest.raises(ProcessLookupError):
+    os.kill(int(pid_file.read_text()), 0)
