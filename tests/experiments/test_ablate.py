@@ -3,6 +3,8 @@ the table's statistics and the paper-ordering verdicts (ties within the spread) 
 import importlib
 import json
 import os
+import sys
+import time
 
 import pytest
 from absl import app
@@ -173,8 +175,6 @@ def test_unknown_table():
 def test_subprocess_counts_time_as_it_passes(tmp_path):
   """A run's wall time reaches its counter while it runs (a runner killed mid-run keeps it), the
   ticks add up to the run's wall time, and a failing command raises with the end of its log."""
-  import sys
-  import time
   ticks = []
   start = time.time()
   ablate._subprocess([sys.executable, "-c", "import time; print('hi'); time.sleep(1.0)"],
@@ -190,7 +190,6 @@ def test_subprocess_counts_time_as_it_passes(tmp_path):
 def test_subprocess_stops_its_command_when_interrupted(tmp_path):
   """An exception in the runner (Ctrl-C, here from the time counter) sends the command SIGTERM
   (train.py then saves its step) instead of leaving it running."""
-  import sys
 
   def interrupted(_):
     raise KeyboardInterrupt
