@@ -79,12 +79,12 @@ def _tables_2b_2c(model: str) -> Dict[str, Table]:
   }
 
 
+_FPN_BACKBONE_ROWS = (Row("R50-FPN", "r50_fpn", 33.6), Row("R101-FPN", "r101_fpn", 35.4))
+
 TABLES: Dict[str, Table] = {
     "2a": Table("Table 2a, backbone", (
-        Row("R50-C4", "r50_c4", 30.3), Row("R101-C4", "r101_c4", 32.7),
-        Row("R50-FPN", "r50_fpn", 33.6), Row("R101-FPN", "r101_fpn", 35.4))),
-    "2a-fpn": Table("Table 2a, backbone (the FPN rows only)", (
-        Row("R50-FPN", "r50_fpn", 33.6), Row("R101-FPN", "r101_fpn", 35.4))),
+        Row("R50-C4", "r50_c4", 30.3), Row("R101-C4", "r101_c4", 32.7)) + _FPN_BACKBONE_ROWS),
+    "2a-fpn": Table("Table 2a, backbone (the FPN rows only)", _FPN_BACKBONE_ROWS),
     **_tables_2b_2c("fpn"),
     **_tables_2b_2c("c4"),
     "2e": Table("Table 2e, mask head (R50-FPN)", (
